@@ -1,0 +1,1 @@
+"""eBPF connection steering across the workers' SO_REUSEPORT sockets (sockmap program, loaded with bcc)."""

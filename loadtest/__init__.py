@@ -1,0 +1,1 @@
+"""Load-test and benchmark tools users run against their own gateway."""

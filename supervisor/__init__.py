@@ -1,0 +1,1 @@
+"""Supervisor: the CA and its signer, configuration, and the gateway process that runs the workers."""

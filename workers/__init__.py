@@ -1,0 +1,1 @@
+"""Workers: accept, read the ClientHello, decide policy, connect and validate upstream, relay and inspect."""
