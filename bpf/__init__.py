@@ -1,1 +1,2 @@
-"""eBPF connection steering across the workers' SO_REUSEPORT sockets (sockmap program, loaded with bcc)."""
+"""eBPF connection steering across the workers' SO_REUSEPORT sockets (a sockmap program,
+loaded with bcc)."""

@@ -1,1 +1,2 @@
-"""Supervisor: the CA and its signer, configuration, and the gateway process that runs the workers."""
+"""Supervisor: the CA and its signer, configuration, the event hub, and the gateway
+process that runs the workers."""

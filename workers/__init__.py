@@ -1,1 +1,2 @@
-"""Workers: accept, read the ClientHello, decide policy, connect and validate upstream, relay and inspect."""
+"""Workers: accept, read the ClientHello, decide policy, connect and validate upstream,
+relay and inspect."""

@@ -1,0 +1,300 @@
+"""A loopback benchmark of one gateway worker in explicit mode.
+
+    python -m tlsgate.loadtest loopback [--seconds 10] [--clients 4] [--scenario all]
+
+What it builds, all on 127.0.0.1 and torn down on exit (also on Ctrl-C and errors):
+- an origin: Debian's nginx with a generated config and a certificate from a test CA
+  (``/`` answers 1 KiB, ``/bulk`` 10 MiB);
+- the gateway: ``tlsgate run --workers 1`` trusting that test CA, pinned to CPU 0 when the
+  machine has more than one, so that its CPU time is its own;
+- clients: ``--clients`` processes (pinned to the other CPUs) that speak CONNECT and TLS
+  through the gateway with Python's ssl, every new-connection request a *full* handshake
+  (no session reuse), keep-alive on one tunnel per client, bulk GETs of 10 MiB.
+
+For each scenario it reports the rate the clients saw and the gateway's own CPU seconds
+(from /proc) per 1000 connections, per 1000 requests or per GB, with the errors. Clients
+in Python are expensive: on a 2-core machine the rates are client-bound, the gateway's CPU
+per unit of work is the figure to compare between builds. The network-namespace suite with
+wrk and h2load (the load-test issue) measures peak rates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import multiprocess  # type: ignore[import-untyped]
+
+NGINX_CONF = """
+daemon off;
+master_process off;
+worker_processes 1;
+pid {dir}/nginx.pid;
+error_log {dir}/nginx-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  client_body_temp_path {dir}/body;
+  proxy_temp_path {dir}/proxy;
+  fastcgi_temp_path {dir}/fastcgi;
+  uwsgi_temp_path {dir}/uwsgi;
+  scgi_temp_path {dir}/scgi;
+  keepalive_requests 1000000;
+  server {{
+    listen 127.0.0.1:{port} ssl;
+    ssl_certificate {dir}/origin.pem;
+    ssl_certificate_key {dir}/origin-key.pem;
+    ssl_session_tickets off;
+    ssl_session_cache off;
+    root {dir}/www;
+    location = / {{ try_files /1k =404; }}
+    location = /bulk {{ try_files /10m =404; }}
+  }}
+}}
+"""
+
+BULK_BYTES = 10 * 1024 * 1024
+
+
+@dataclass
+class Result:
+    scenario: str
+    units: int
+    unit: str
+    seconds: float
+    errors: int
+    gateway_cpu: float
+    bytes: int = 0
+
+    def line(self) -> str:
+        rate = self.units / self.seconds
+        if self.unit == "bytes":
+            per = self.gateway_cpu / (self.units / 1e9) if self.units else float("nan")
+            return (f"{self.scenario:10s} {rate / 1e6:8.1f} MB/s   gateway CPU {per:6.2f} s/GB"
+                    f"   errors {self.errors}")  # fmt: skip
+        per = self.gateway_cpu / (self.units / 1000) if self.units else float("nan")
+        return (f"{self.scenario:10s} {rate:8.0f} {self.unit}/s   gateway CPU {per:6.3f} "
+                f"s/1k {self.unit}   errors {self.errors}")  # fmt: skip
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _pin(cpus: set[int]) -> None:
+    try:
+        os.sched_setaffinity(0, cpus)
+    except OSError:
+        pass  # best effort: figures are still per CPU-second
+
+
+def make_pki(d: Path) -> None:
+    import trustme
+
+    ca = trustme.CA()
+    leaf = ca.issue_cert("origin.test", "127.0.0.1")
+    ca.cert_pem.write_to_path(str(d / "ca.pem"))
+    leaf.private_key_pem.write_to_path(str(d / "origin-key.pem"))
+    with (d / "origin.pem").open("wb") as fh:
+        for blob in leaf.cert_chain_pems:
+            fh.write(blob.bytes())
+
+
+@contextmanager
+def running(argv: list[str], ready: Callable[[], bool], cpus: set[int] | None) -> Iterator[int]:
+    def preexec() -> None:
+        if cpus:
+            _pin(cpus)
+
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            preexec_fn=preexec)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 20
+        while not ready():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                err = proc.stderr.read().decode() if proc.stderr else ""
+                raise RuntimeError(f"{argv[0]} did not start: {err}")
+            time.sleep(0.05)
+        yield proc.pid
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if proc.stderr:
+            proc.stderr.close()
+
+
+def _listening(port: int) -> Callable[[], bool]:
+    def check() -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+        except OSError:
+            return False
+        return True
+
+    return check
+
+
+# -- clients (run in worker processes) ---------------------------------------------------
+def _tunnel(proxy: int, origin: int, ctx: ssl.SSLContext) -> ssl.SSLSocket:
+    sock = socket.create_connection(("127.0.0.1", proxy), timeout=10)
+    sock.sendall(f"CONNECT origin.test:{origin} HTTP/1.1\r\nHost: origin.test\r\n\r\n".encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = sock.recv(4096)
+        if not chunk:
+            raise OSError("proxy closed")
+        head += chunk
+    if not head.startswith(b"HTTP/1.1 200"):
+        raise OSError(head.split(b"\r\n", 1)[0].decode())
+    return ctx.wrap_socket(sock, server_hostname="origin.test")
+
+
+def _read_response(tls: ssl.SSLSocket, buf: bytearray) -> int:
+    """Read one response with Content-Length; returns the body size."""
+    while b"\r\n\r\n" not in buf:
+        chunk = tls.recv(65536)
+        if not chunk:
+            raise OSError("closed mid-response")
+        buf += chunk
+    head, _, rest = bytes(buf).partition(b"\r\n\r\n")
+    length = int(head.lower().split(b"content-length:", 1)[1].split(b"\r\n", 1)[0])
+    got = len(rest)
+    while got < length:
+        chunk = tls.recv(262144)
+        if not chunk:
+            raise OSError("closed mid-body")
+        got += len(chunk)
+    buf.clear()
+    if got > length:
+        buf += rest[length:] if len(rest) > length else b""
+    return length
+
+
+def _client(args: tuple[str, int, int, str, float, int]) -> tuple[int, int, int]:
+    scenario, proxy, origin, cafile, seconds, cpu = args
+    if cpu >= 0:
+        _pin({cpu})
+    ctx = ssl.create_default_context(cafile=cafile)
+    ctx.set_alpn_protocols(["http/1.1"])
+    units = errors = nbytes = 0
+    end = time.monotonic() + seconds
+    request = b"GET / HTTP/1.1\r\nHost: origin.test\r\n\r\n"
+    if scenario == "newconn":
+        while time.monotonic() < end:
+            try:
+                with _tunnel(proxy, origin, ctx) as tls:
+                    tls.sendall(b"GET / HTTP/1.1\r\nHost: origin.test\r\nConnection: close\r\n\r\n")
+                    nbytes += _read_response(tls, bytearray())
+                units += 1
+            except OSError:
+                errors += 1
+        return units, errors, nbytes
+    path = b"/bulk" if scenario == "bulk" else b"/"
+    request = b"GET " + path + b" HTTP/1.1\r\nHost: origin.test\r\n\r\n"
+    while time.monotonic() < end:
+        try:
+            with _tunnel(proxy, origin, ctx) as tls:
+                buf = bytearray()
+                while time.monotonic() < end:
+                    tls.sendall(request)
+                    nbytes += _read_response(tls, buf)
+                    units += 1
+        except OSError:
+            errors += 1
+    return units, errors, nbytes
+
+
+def run(seconds: float, clients: int, scenarios: list[str], keep: bool) -> list[Result]:
+    if shutil.which("nginx") is None:
+        raise SystemExit("nginx is not installed: apt-get install nginx-light")
+    ncpu = os.cpu_count() or 1
+    gw_cpus = {0} if ncpu > 1 else None
+    client_cpus = list(range(1, ncpu)) or [-1]
+    results: list[Result] = []
+    with ExitStack() as stack:
+        d = Path(tempfile.mkdtemp(prefix="tlsgate-bench-"))
+        if not keep:
+            stack.callback(shutil.rmtree, d, True)
+        (d / "www").mkdir()
+        (d / "www" / "1k").write_bytes(b"x" * 1024)
+        (d / "www" / "10m").write_bytes(b"y" * BULK_BYTES)
+        make_pki(d)
+        origin_port, proxy_port = free_port(), free_port()
+        (d / "nginx.conf").write_text(NGINX_CONF.format(dir=d, port=origin_port))
+        stack.enter_context(running(["nginx", "-c", str(d / "nginx.conf"), "-e",
+                                     str(d / "nginx-error.log")],
+                                    _listening(origin_port), set(client_cpus) - {-1}))  # fmt: skip
+        gw_pid = stack.enter_context(running(
+            [sys.executable, "-m", "tlsgate", "run", "--state-dir", str(d / "state"), "--listen",
+             f"127.0.0.1:{proxy_port}", "--upstream-ca-bundle", str(d / "ca.pem")],
+            _listening(proxy_port), gw_cpus))  # fmt: skip
+        print(f"gateway pid {gw_pid} on CPU {gw_cpus or 'any'}; {clients} client processes; "
+              f"{seconds:.0f} s per scenario", flush=True)  # fmt: skip
+        with multiprocess.Pool(clients) as pool:
+            for scenario in scenarios:
+                jobs = [(scenario, proxy_port, origin_port, str(d / "ca.pem"), seconds,
+                         client_cpus[i % len(client_cpus)]) for i in range(clients)]  # fmt: skip
+                cpu0 = cpu_seconds(gw_pid)
+                t0 = time.monotonic()
+                out = pool.map(_client, jobs)
+                elapsed = time.monotonic() - t0
+                cpu = cpu_seconds(gw_pid) - cpu0
+                units = sum(o[0] for o in out)
+                errors = sum(o[1] for o in out)
+                nbytes = sum(o[2] for o in out)
+                if scenario == "bulk":
+                    result = Result(scenario, nbytes, "bytes", elapsed, errors, cpu, nbytes)
+                else:
+                    unit = "conn" if scenario == "newconn" else "req"
+                    result = Result(scenario, units, unit, elapsed, errors, cpu, nbytes)
+                results.append(result)
+                print(result.line(), flush=True)
+        rss = Path(f"/proc/{gw_pid}/status").read_text().split("VmRSS:")[1].split()[0]
+        print(f"gateway RSS {int(rss) // 1024} MiB", flush=True)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="tlsgate loadtest loopback",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument(
+        "--scenario", choices=("all", "newconn", "keepalive", "bulk"), default="all"
+    )
+    parser.add_argument("--json", action="store_true", help="print results as JSON too")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    args = parser.parse_args(argv)
+    scenarios = ["newconn", "keepalive", "bulk"] if args.scenario == "all" else [args.scenario]
+    results = run(args.seconds, args.clients, scenarios, args.keep)
+    if args.json:
+        print(json.dumps([r.__dict__ for r in results]))
+    return 1 if any(r.errors for r in results) else 0

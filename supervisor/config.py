@@ -1,0 +1,264 @@
+"""Gateway configuration: a TOML file, overridden by command-line flags, checked once.
+
+Rules:
+- Every value is validated when the configuration is built; a bad value is a
+  :class:`~tlsgate.errors.ConfigError` whose message names the setting, the bad value and
+  what a good one looks like. Nothing is checked lazily at connection time.
+- Unknown keys are errors (a typo must not silently fall back to a default).
+- :class:`Config` is immutable; workers receive it whole.
+
+File layout (every key optional)::
+
+    listen = "127.0.0.1:8080"
+    mode = "explicit"                 # or "transparent"
+    workers = 1
+    state_dir = "/var/lib/tlsgate"
+    upstream_ca_bundle = "/etc/ssl/certs/ca-certificates.crt"
+    ca_passphrase_file = "/etc/tlsgate/ca.pass"
+
+    [events]
+    file = "/var/log/tlsgate/events.msgpack"
+
+    [policy]
+    bypass_domains = ["*.bank.example"]
+    bypass_clients = ["10.0.5.0/24"]
+    block_domains = []
+    block_clients = []
+
+    [http]
+    record_headers = ["host", "user-agent", "content-type"]
+    redact_headers = ["authorization", "cookie"]
+
+    [limits]
+    max_connections = 10000
+    handshake_timeout = 10.0
+    connect_timeout = 10.0
+    idle_timeout = 300.0
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from tlsgate.errors import ConfigError
+from tlsgate.paths import resolve_state_dir
+from tlsgate.workers.http1 import DEFAULT_RECORD_HEADERS, DEFAULT_REDACT_HEADERS
+from tlsgate.workers.policy import Policy
+
+MODES = ("explicit", "transparent")
+DEFAULT_LISTEN = ("127.0.0.1", 8080)
+MAX_WORKERS = 256
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds that keep one worker alive under load and hostile peers."""
+
+    max_connections: int = 10000
+    handshake_timeout: float = 10.0
+    connect_timeout: float = 10.0
+    idle_timeout: float = 300.0
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything `tlsgate run` needs, validated."""
+
+    listen: tuple[str, int] = DEFAULT_LISTEN
+    mode: str = "explicit"
+    workers: int = 1
+    state_dir: Path = field(default_factory=lambda: resolve_state_dir(None))
+    upstream_ca_bundle: Path | None = None
+    ca_passphrase_file: Path | None = None
+    events_file: Path | None = None
+    bypass_domains: tuple[str, ...] = ()
+    bypass_clients: tuple[str, ...] = ()
+    block_domains: tuple[str, ...] = ()
+    block_clients: tuple[str, ...] = ()
+    record_headers: tuple[str, ...] = tuple(sorted(DEFAULT_RECORD_HEADERS))
+    redact_headers: tuple[str, ...] = tuple(sorted(DEFAULT_REDACT_HEADERS))
+    limits: Limits = Limits()
+
+    def policy(self) -> Policy:
+        return Policy(
+            bypass_domains=self.bypass_domains,
+            bypass_clients=self.bypass_clients,
+            block_domains=self.block_domains,
+            block_clients=self.block_clients,
+        )
+
+
+def parse_listen(value: object, setting: str = "listen") -> tuple[str, int]:
+    """``"127.0.0.1:8080"`` or ``"[::1]:8080"`` → (address, port)."""
+    if not isinstance(value, str) or ":" not in value:
+        raise ConfigError(
+            f"{setting} = {value!r} is not ADDRESS:PORT; use e.g. 127.0.0.1:8080 or [::1]:8080"
+        )
+    host, _, port_text = value.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ConfigError(
+            f"{setting} = {value!r}: {host!r} is not an IP address; tlsgate listens on "
+            "addresses, not names (use e.g. 127.0.0.1:8080)"
+        ) from None
+    if not port_text.isdigit() or not 0 <= int(port_text) < 65536:
+        raise ConfigError(
+            f"{setting} = {value!r}: port must be a number from 1 to 65535 "
+            "(or 0 for any free port, shown in the startup banner)"
+        )
+    return host, int(port_text)
+
+
+def _str_list(value: object, setting: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{setting} must be a list of strings, got {value!r}")
+    return tuple(value)
+
+
+def _positive(value: object, setting: str, kind: type) -> Any:
+    ok = isinstance(value, kind) or (kind is float and isinstance(value, int))
+    if not ok or isinstance(value, bool) or value <= 0:  # type: ignore[operator]
+        raise ConfigError(f"{setting} must be a positive {kind.__name__}, got {value!r}")
+    return kind(value)
+
+
+def _path(value: object, setting: str, must_exist: bool) -> Path:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{setting} must be a file path, got {value!r}")
+    path = Path(value).expanduser()
+    if must_exist and not path.is_file():
+        raise ConfigError(f"{setting} = {value!r}: no such file; give the path of an existing file")
+    return path
+
+
+def _reject_unknown(table: Mapping[str, Any], known: set[str], where: str) -> None:
+    unknown = sorted(set(table) - known)
+    if unknown:
+        raise ConfigError(
+            f"unknown setting {unknown[0]!r} in {where}; valid settings are: "
+            + ", ".join(sorted(known))
+        )
+
+
+_TOP = {
+    "listen", "mode", "workers", "state_dir", "upstream_ca_bundle", "ca_passphrase_file",
+    "events", "policy", "http", "limits",
+}  # fmt: skip
+_POLICY = {"bypass_domains", "bypass_clients", "block_domains", "block_clients"}
+_HTTP = {"record_headers", "redact_headers"}
+_LIMITS = {"max_connections", "handshake_timeout", "connect_timeout", "idle_timeout"}
+
+
+def load_file(path: Path) -> dict[str, Any]:
+    """Read a TOML config file; every problem is a ConfigError naming the file."""
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist; check the --config path") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+
+
+def build_config(data: Mapping[str, Any], where: str = "the configuration") -> Config:
+    """Validate a parsed mapping (file contents with flag overrides applied) into a Config."""
+    _reject_unknown(data, _TOP, where)
+    kw: dict[str, Any] = {}
+    if "listen" in data:
+        kw["listen"] = parse_listen(data["listen"])
+    if "mode" in data:
+        if data["mode"] not in MODES:
+            raise ConfigError(f"mode = {data['mode']!r}; choose one of: {', '.join(MODES)}")
+        kw["mode"] = data["mode"]
+    if "workers" in data:
+        workers = _positive(data["workers"], "workers", int)
+        if workers > MAX_WORKERS:
+            raise ConfigError(f"workers = {workers} is more than {MAX_WORKERS}")
+        kw["workers"] = workers
+    if "state_dir" in data:
+        if not isinstance(data["state_dir"], str) or not data["state_dir"]:
+            raise ConfigError(f"state_dir must be a directory path, got {data['state_dir']!r}")
+        kw["state_dir"] = resolve_state_dir(data["state_dir"])
+    if data.get("upstream_ca_bundle") is not None:
+        kw["upstream_ca_bundle"] = _path(
+            data["upstream_ca_bundle"], "upstream_ca_bundle", must_exist=True
+        )
+    if data.get("ca_passphrase_file") is not None:
+        kw["ca_passphrase_file"] = _path(
+            data["ca_passphrase_file"], "ca_passphrase_file", must_exist=True
+        )
+    events = _table(data, "events", where)
+    _reject_unknown(events, {"file"}, f"[events] of {where}")
+    if events.get("file") is not None:
+        kw["events_file"] = _path(events["file"], "events.file", must_exist=False)
+    policy = _table(data, "policy", where)
+    _reject_unknown(policy, _POLICY, f"[policy] of {where}")
+    for key in _POLICY:
+        if key in policy:
+            kw[key] = _str_list(policy[key], f"policy.{key}")
+    http = _table(data, "http", where)
+    _reject_unknown(http, _HTTP, f"[http] of {where}")
+    for key in _HTTP:
+        if key in http:
+            kw[key] = tuple(h.lower() for h in _str_list(http[key], f"http.{key}"))
+    limits = _table(data, "limits", where)
+    _reject_unknown(limits, _LIMITS, f"[limits] of {where}")
+    lim: dict[str, Any] = {}
+    if "max_connections" in limits:
+        lim["max_connections"] = _positive(limits["max_connections"], "limits.max_connections", int)
+    for key in ("handshake_timeout", "connect_timeout", "idle_timeout"):
+        if key in limits:
+            lim[key] = _positive(limits[key], f"limits.{key}", float)
+    if lim:
+        kw["limits"] = replace(Limits(), **lim)
+    config = Config(**kw)
+    config.policy()  # compile once so bad globs/CIDRs fail here, at startup
+    return config
+
+
+def _table(data: Mapping[str, Any], name: str, where: str) -> Mapping[str, Any]:
+    value = data.get(name, {})
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{name} in {where} must be a table ([{name}]), got {value!r}")
+    return value
+
+
+def load_config(path: Path | None, overrides: Mapping[str, Any]) -> Config:
+    """The file's settings (if any), then each non-None flag override on top."""
+    data: dict[str, Any] = dict(load_file(path)) if path is not None else {}
+    where = str(path) if path is not None else "the command line"
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if "." in key:
+            table, _, sub = key.partition(".")
+            merged = dict(_table(data, table, where))
+            merged[sub] = value
+            data[table] = merged
+        else:
+            data[key] = value
+    return build_config(data, where)
+
+
+def passphrase_from_file(path: Path | None) -> bytes | None:
+    """The CA key passphrase from a file (one trailing newline stripped), or None."""
+    if path is None:
+        return None
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read CA passphrase file {path}: {exc.strerror}") from None
+    if os.stat(path).st_mode & 0o077:
+        raise ConfigError(f"CA passphrase file {path} is readable by others; run chmod 600 {path}")
+    return data[:-1] if data.endswith(b"\n") else data

@@ -1,0 +1,277 @@
+"""``tlsgate events``: print the inspection events of a running gateway or of a recording.
+
+Rules:
+
+- Source: the detection socket of the gateway that uses ``--state-dir`` (default state
+  dir if absent), or ``--socket PATH``, or a recorded msgpack stream ``--file PATH``
+  (read to its end). A missing or dead socket is an :class:`~tlsgate.errors.OperatorError`
+  that says how to start a gateway; so is a stream that is not tlsgate events.
+- ``--format json`` (default) prints one JSON object per line, keys in the order they were
+  encoded, bytes values as text (UTF-8, invalid bytes replaced), ASCII only.
+  ``--format msgpack`` writes the events, re-encoded one by one, to binary stdout.
+- ``--filter TYPE ...`` keeps only those event types (``hello`` and ``gap`` included: to
+  see gaps while filtering, name ``gap``). ``--count N`` stops after N printed events.
+- Output is flushed after every batch received, so pipes see events as they come.
+- Exit codes: 0 when the stream ended or ``--count`` was reached, 1 when the stream ends
+  inside an event (the complete events before it are printed), 2 for an OperatorError.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import socket
+import sys
+from collections.abc import Callable, Generator, Iterator
+from pathlib import Path
+from typing import Any, Final, TextIO
+
+from tlsgate.errors import OperatorError
+from tlsgate.paths import events_socket_path, resolve_state_dir
+from tlsgate.workers.events import (
+    EVENT_TYPES,
+    EventDecodeError,
+    EventDecoder,
+    new_packer,
+)
+
+#: Bytes read from the socket or file at a time.
+READ_CHUNK_BYTES: Final = 256 * 1024
+
+_JSON_SEPARATORS: Final = (",", ":")
+
+
+def add_events_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``events`` on ``subparsers`` (from ``ArgumentParser.add_subparsers``)."""
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        "events",
+        help="print the inspection events of a running gateway (or of a recording)",
+        description="Subscribe to a running gateway's detection socket, or read a recorded "
+        "event file, and print the events: one JSON object per line, or raw msgpack.",
+    )
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument(
+        "--state-dir", metavar="DIR", help="state dir of the gateway to subscribe to"
+    )
+    source.add_argument("--socket", metavar="PATH", help="detection socket to subscribe to")
+    source.add_argument("--file", metavar="PATH", help="recorded event file to read instead")
+    parser.add_argument(
+        "--format",
+        choices=("json", "msgpack"),
+        default="json",
+        help="json: one object per line (default); msgpack: the raw event stream",
+    )
+    parser.add_argument(
+        "--filter",
+        nargs="+",
+        action="extend",
+        choices=EVENT_TYPES,
+        metavar="TYPE",
+        help=f"only these event types (repeatable; one of: {', '.join(EVENT_TYPES)})",
+    )
+    parser.add_argument(
+        "--count", type=_positive_int, metavar="N", help="stop after printing N events"
+    )
+    parser.set_defaults(func=run_events)
+    return parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def run_events(args: argparse.Namespace) -> int:
+    """Run ``tlsgate events`` with parsed ``args``; return the exit code."""
+    out = sys.stdout
+    write = _json_writer(out) if args.format == "json" else _msgpack_writer(out)
+    if args.file:
+        batches = _read_file(Path(args.file))
+    else:
+        batches = _read_socket(args.socket, args.state_dir)
+    try:
+        _print_events(batches, write, out.flush, args.filter, args.count)
+    except _TruncatedStreamError as exc:
+        out.flush()
+        print(f"tlsgate: error: {exc}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        # The reader went away (e.g. `| head`): stop quietly, and keep the interpreter
+        # from failing again when it flushes stdout at exit.
+        _silence_stdout()
+    finally:
+        batches.close()
+    return 0
+
+
+def _print_events(
+    batches: Iterator[Iterator[dict[str, Any]]],
+    write: Callable[[dict[str, Any]], None],
+    flush: Callable[[], None],
+    types: list[str] | None,
+    count: int | None,
+) -> None:
+    wanted = frozenset(types) if types else None
+    remaining = count
+    for batch in batches:
+        for event in batch:
+            if wanted is not None and event["type"] not in wanted:
+                continue
+            write(event)
+            if remaining is not None:
+                remaining -= 1
+                if remaining == 0:
+                    flush()
+                    return
+        flush()
+
+
+class _TruncatedStreamError(Exception):
+    """The stream ended inside an event; the complete events before it were printed."""
+
+
+def _read_file(path: Path) -> Generator[Iterator[dict[str, Any]], None, None]:
+    try:
+        stream = path.open("rb")
+    except OSError as exc:
+        raise OperatorError(
+            f"cannot read the event file {path}: {exc.strerror or exc};"
+            " check the path (it is the [events] file of the gateway's configuration)"
+        ) from exc
+    decoder = EventDecoder()
+    with stream:
+        while chunk := stream.read(READ_CHUNK_BYTES):
+            yield _decode(decoder, chunk, f"the file {path}")
+    try:
+        decoder.close()
+    except EventDecodeError as exc:
+        raise _TruncatedStreamError(f"{path}: {exc}") from None
+
+
+def _read_socket(
+    socket_arg: str | None, state_dir_arg: str | None
+) -> Generator[Iterator[dict[str, Any]], None, None]:
+    sock, path = _connect(socket_arg, state_dir_arg)
+    where = f"the events socket {path}"
+    decoder = EventDecoder()
+    with sock:
+        while True:
+            try:
+                chunk = sock.recv(READ_CHUNK_BYTES)
+            except OSError as exc:
+                raise OperatorError(f"lost {where}: {exc.strerror or exc}") from exc
+            if not chunk:
+                break
+            yield _decode(decoder, chunk, where)
+    # The gateway stopped. It closes subscribers between events, unless a subscriber
+    # was too slow to take its buffer while the gateway shut down.
+    try:
+        decoder.close()
+    except EventDecodeError as exc:
+        raise _TruncatedStreamError(f"{where} closed: {exc}") from None
+
+
+def _connect(socket_arg: str | None, state_dir_arg: str | None) -> tuple[socket.socket, Path]:
+    if socket_arg:
+        path = Path(socket_arg)
+        hint = f"check the path, or start a gateway whose events socket is {path}"
+        missing = f"no gateway is running with events socket {path} (no such socket); {hint}"
+    else:
+        state_dir = resolve_state_dir(state_dir_arg)
+        path = events_socket_path(state_dir)
+        hint = f"start one with `tlsgate run --state-dir {state_dir}`"
+        missing = f"no gateway is running with state dir {state_dir} (no socket at {path}); {hint}"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(str(path))
+    except FileNotFoundError:
+        sock.close()
+        raise OperatorError(missing) from None
+    except ConnectionRefusedError:
+        sock.close()
+        raise OperatorError(
+            f"no gateway is listening on {path} (a socket left by a gateway that exited); {hint}"
+        ) from None
+    except PermissionError:
+        sock.close()
+        raise OperatorError(
+            f"permission denied connecting to {path}; run as root or as a member of the"
+            " socket's group"
+        ) from None
+    except OSError as exc:
+        sock.close()
+        raise OperatorError(f"cannot connect to {path}: {exc.strerror or exc}") from None
+    return sock, path
+
+
+def _decode(decoder: EventDecoder, chunk: bytes, where: str) -> Iterator[dict[str, Any]]:
+    try:
+        yield from decoder.feed(chunk)
+    except EventDecodeError as exc:
+        raise OperatorError(f"{where} does not carry tlsgate events: {exc}") from None
+
+
+def _json_writer(out: TextIO) -> Callable[[dict[str, Any]], None]:
+    write = out.write
+
+    def write_json(event: dict[str, Any]) -> None:
+        try:
+            line = json.dumps(
+                event, separators=_JSON_SEPARATORS, allow_nan=False, default=_json_default
+            )
+        except (TypeError, ValueError):
+            # Bytes map keys or non-finite floats: only in foreign or damaged streams.
+            line = json.dumps(_jsonable(event), separators=_JSON_SEPARATORS)
+        write(line + "\n")
+
+    return write_json
+
+
+def _json_default(value: object) -> object:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def _jsonable(value: object) -> object:
+    """``value`` with bytes (keys too) as text and non-finite floats as null."""
+    if isinstance(value, dict):
+        return {_text(key): _jsonable(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_jsonable(item) for item in value]
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _text(key: object) -> str:
+    return key.decode("utf-8", "replace") if isinstance(key, bytes) else str(key)
+
+
+def _msgpack_writer(out: TextIO) -> Callable[[dict[str, Any]], None]:
+    write = out.buffer.write
+    pack = new_packer().pack
+
+    def write_msgpack(event: dict[str, Any]) -> None:
+        write(pack(event))
+
+    return write_msgpack
+
+
+def _silence_stdout() -> None:
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)

@@ -1,0 +1,121 @@
+"""Transparent mode in a real gateway topology: client ns → gateway ns → server ns.
+
+The test plays the operator: it installs its own nftables rule in the gateway namespace
+(REDIRECT, or TPROXY with its policy route); tlsgate only listens and reads the original
+destination from each accepted socket."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trustme
+
+from tests.gateway import Gateway, Origin
+from tests.netns import Topology, requires_netns
+
+pytestmark = [
+    requires_netns,
+    pytest.mark.netns,
+    pytest.mark.skipif(shutil.which("nft") is None, reason="needs nftables (nft)"),
+]
+
+REDIRECT_RULES = """
+table ip tlsgate_test {{
+  chain pre {{
+    type nat hook prerouting priority dstnat; policy accept;
+    iifname "g1" tcp dport 443 redirect to :{port}
+  }}
+}}
+"""
+
+TPROXY_RULES = """
+table ip tlsgate_test {{
+  chain pre {{
+    type filter hook prerouting priority mangle; policy accept;
+    iifname "g1" tcp dport 443 tproxy to :{port} meta mark set 1 accept
+  }}
+}}
+"""
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("pki")
+    ca = trustme.CA()
+    good = ca.issue_cert("server.test")
+    bad = trustme.CA().issue_cert("server.test")
+    paths: dict[str, Path] = {"ca": d / "ca.pem"}
+    ca.cert_pem.write_to_path(str(paths["ca"]))
+    for name, leaf in (("good", good), ("bad", bad)):
+        paths[f"{name}_key"] = d / f"{name}-key.pem"
+        paths[f"{name}_cert"] = d / f"{name}.pem"
+        leaf.private_key_pem.write_to_path(str(paths[f"{name}_key"]))
+        with paths[f"{name}_cert"].open("wb") as fh:
+            for blob in leaf.cert_chain_pems:
+                fh.write(blob.bytes())
+    return paths
+
+
+@pytest.fixture
+def topology() -> Iterator[Topology]:
+    with Topology() as topo:
+        yield topo
+
+
+def client_curl(topo: Topology, gw: Gateway, path: str) -> subprocess.CompletedProcess[bytes]:
+    return topo.run(topo.client, [
+        "curl", "-sS", "--http1.1", "--max-time", "15", "--cacert", str(gw.ca_cert),
+        "--resolve", f"server.test:443:{topo.server_ip}", f"https://server.test{path}",
+    ], check=False, timeout=30)  # fmt: skip
+
+
+@pytest.mark.parametrize("rule", ["redirect", "tproxy"])
+def test_transparent_interception_reaches_the_original_destination_and_reports_it(
+    topology: Topology, pki: dict[str, Path], tmp_path: Path, rule: str
+) -> None:
+    port = 8443
+    if rule == "redirect":
+        topology.gateway_nft(REDIRECT_RULES.format(port=port))
+        listen = f"{topology.gateway_client_ip}:{port}"
+    else:
+        topology.run(topology.gateway, ["ip", "rule", "add", "fwmark", "1", "lookup", "100"])
+        topology.run(topology.gateway, ["ip", "route", "add", "local", "0.0.0.0/0", "dev", "lo",
+                                        "table", "100"])  # fmt: skip
+        topology.gateway_nft(TPROXY_RULES.format(port=port))
+        listen = f"0.0.0.0:{port}"
+    with (
+        Origin(pki["good_cert"], pki["good_key"], host=topology.server_ip, port=443,
+               netns=topology.server),
+        Gateway(tmp_path, upstream_ca=pki["ca"], listen=listen, netns=topology.gateway,
+                args=["--mode", "transparent"]) as gw,
+    ):  # fmt: skip
+        result = client_curl(topology, gw, "/through-the-gateway")
+        assert result.returncode == 0, result.stderr
+        assert result.stdout == b"hello from /through-the-gateway\n"
+        http = gw.wait_events("http", 1)
+        assert http[0]["path"] == "/through-the-gateway"
+        assert http[0]["client_ip"] == topology.client_ip
+        assert http[0]["server_ip"] == topology.server_ip and http[0]["server_port"] == 443
+        opened = gw.wait_events("conn_open", 1)[0]
+        assert opened["mode"] == "transparent" and opened["sni"] == "server.test"
+
+
+def test_a_transparent_client_of_an_untrusted_upstream_gets_a_tls_alert_and_an_event(
+    topology: Topology, pki: dict[str, Path], tmp_path: Path
+) -> None:
+    topology.gateway_nft(REDIRECT_RULES.format(port=8443))
+    with (
+        Origin(pki["bad_cert"], pki["bad_key"], host=topology.server_ip, port=443,
+               netns=topology.server),
+        Gateway(tmp_path, upstream_ca=pki["ca"], listen=f"{topology.gateway_client_ip}:8443",
+                netns=topology.gateway, args=["--mode", "transparent"]) as gw,
+    ):  # fmt: skip
+        result = client_curl(topology, gw, "/")
+        assert result.returncode != 0
+        assert b"alert" in result.stderr.lower() or b"handshake" in result.stderr.lower()
+        refused = gw.wait_events("upstream_refused", 1)
+        assert refused and refused[0]["server_ip"] == topology.server_ip

@@ -1,0 +1,100 @@
+"""The `tlsgate` command line.
+
+Every subcommand returns an exit code. An :class:`~tlsgate.errors.OperatorError` anywhere
+is printed as one line, ``tlsgate: error: <what to do>``, with exit code 2 — never a
+traceback for something the operator can fix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from tlsgate import __version__
+from tlsgate.errors import OperatorError
+
+
+def _run(args: argparse.Namespace) -> int:
+    from tlsgate.supervisor.config import load_config
+    from tlsgate.supervisor.gateway import run_gateway
+
+    overrides = {
+        "listen": args.listen,
+        "mode": args.mode,
+        "workers": args.workers,
+        "state_dir": args.state_dir,
+        "upstream_ca_bundle": args.upstream_ca_bundle,
+        "ca_passphrase_file": args.ca_passphrase_file,
+        "events.file": args.events_file,
+    }
+    if args.bypass:
+        overrides["policy.bypass_domains"] = args.bypass
+    if args.block:
+        overrides["policy.block_domains"] = args.block
+    config = load_config(Path(args.config) if args.config else None, overrides)
+    return run_gateway(config)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from tlsgate.supervisor.ca_commands import add_ca_parser
+    from tlsgate.supervisor.events_commands import add_events_parser
+
+    parser = argparse.ArgumentParser(
+        prog="tlsgate",
+        description="TLS interception gateway: validates upstreams strictly, mints "
+        "certificates from its own CA, and reports inspection events to an IDS.",
+    )
+    parser.add_argument("--version", action="version", version=f"tlsgate {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the gateway")
+    run.add_argument("--config", metavar="FILE", help="TOML configuration file")
+    run.add_argument("--listen", metavar="ADDR:PORT", help="listen address (127.0.0.1:8080)")
+    run.add_argument("--mode", choices=("explicit", "transparent"), help="capture mode")
+    run.add_argument("--workers", type=int, metavar="N", help="worker processes")
+    run.add_argument("--state-dir", metavar="DIR", help="CA and state directory")
+    run.add_argument(
+        "--upstream-ca-bundle",
+        metavar="FILE",
+        help="trust these CAs for upstream servers instead of the system store",
+    )
+    run.add_argument(
+        "--ca-passphrase-file",
+        metavar="FILE",
+        help="file holding the passphrase of an encrypted CA key",
+    )
+    run.add_argument(
+        "--events-file", metavar="FILE", help="also append every event (msgpack stream) to FILE"
+    )
+    run.add_argument(
+        "--bypass",
+        action="append",
+        metavar="GLOB",
+        help="splice these names without interception (repeatable)",
+    )
+    run.add_argument(
+        "--block", action="append", metavar="GLOB", help="refuse these names (repeatable)"
+    )
+    run.set_defaults(func=_run)
+
+    add_ca_parser(sub)
+    add_events_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except OperatorError as exc:
+        print(f"tlsgate: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

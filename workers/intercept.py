@@ -1,0 +1,609 @@
+"""One intercepted connection, from accept to close.
+
+The order of work is the security design, so it is spelled out here:
+
+1. *Explicit mode*: read the ``CONNECT host:port`` request (peeked, bounded). *Transparent
+   mode*: the original destination from the accepted socket.
+2. Decide policy on what we know (client address, CONNECT host or SNI): block, bypass
+   (splice the raw bytes, no TLS work at all) or intercept.
+3. Connect upstream and complete **its** handshake first, validating the server fully
+   (:mod:`tlsgate.workers.upstream`). A server that fails validation never gets a minted
+   certificate: explicit mode answers ``502`` with the reason before the tunnel exists,
+   transparent mode (or a failure after the ``200``) sends a TLS alert. An event says why.
+4. Read the client's ClientHello *before* any TLS work (peeked, so a bypass can still
+   splice it). If the client's SNI or ALPN offer does not fit the upstream connection made
+   for the CONNECT host, a new upstream connection is made and validated for them.
+5. Obtain a leaf for the verified name (plus the upstream's DNS SANs), finish the client
+   handshake answering the ALPN the upstream selected, then relay and inspect.
+
+Every step is bounded by the handshake timeout; every ending emits ``conn_close``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from OpenSSL import SSL
+
+from tlsgate.errors import (
+    ClientHelloError,
+    ConnectRequestError,
+    HttpProtocolError,
+    RemoteProtocolError,
+    UpstreamRefused,
+)
+from tlsgate.supervisor.signer import LeafRequest
+from tlsgate.workers import events as ev
+from tlsgate.workers.certs import ClientSideState
+from tlsgate.workers.clienthello import ClientHello, client_hello_end, parse_client_hello
+from tlsgate.workers.connect import connect_established, connect_refusal, parse_connect
+from tlsgate.workers.http1 import Http1Inspector, HttpExchange, looks_like_http_request
+from tlsgate.workers.origdst import original_destination
+from tlsgate.workers.policy import Decision
+from tlsgate.workers.relay import EndpointError, Relay, TcpEndpoint, TlsEndpoint
+from tlsgate.workers.upstream import UpstreamInfo
+
+if TYPE_CHECKING:
+    from tlsgate.workers.worker import Worker
+
+#: ALPN offered upstream while validating for a CONNECT, before the client's offer is known.
+PREFLIGHT_ALPN = (b"h2", b"http/1.1")
+MAX_PEEK = 65536
+
+# TLS alert descriptions (RFC 8446 §6)
+ALERT_HANDSHAKE_FAILURE = 40
+ALERT_ACCESS_DENIED = 49
+ALERT_INTERNAL_ERROR = 80
+ALERT_UNRECOGNIZED_NAME = 112
+
+_VERSION_NAMES = {0x0304: "TLS 1.3", 0x0303: "TLS 1.2", 0x0302: "TLS 1.1", 0x0301: "TLS 1.0",
+                  0x0300: "SSL 3.0"}  # fmt: skip
+
+
+class ClientGone(Exception):
+    """The client closed or reset before the tunnel was set up."""
+
+
+class Refusal(Exception):
+    """End this connection with a refusal already decided (policy block, upstream refused)."""
+
+    def __init__(self, close_reason: str) -> None:
+        super().__init__(close_reason)
+        self.close_reason = close_reason
+
+
+def alert_record(description: int) -> bytes:
+    """A fatal TLS alert record, sent raw before any handshake took place."""
+    return bytes((21, 3, 3, 0, 2, 2, description))
+
+
+@dataclass(slots=True)
+class Upstream:
+    """An upstream connection that passed validation."""
+
+    sock: socket.socket
+    conn: SSL.Connection
+    info: UpstreamInfo
+    verified_name: str
+    alpn_offer: tuple[bytes, ...]
+
+
+@dataclass(eq=False)
+class Interception:
+    """State of one client connection; ``run()`` is its whole life."""
+
+    worker: Worker
+    sock: socket.socket
+    client_addr: tuple[str, int]
+    conn_id: str
+    started: float = field(default_factory=time.monotonic)
+    server_addr: tuple[str, int] | None = None
+    connect_host: str | None = None
+    hello: ClientHello | None = None
+    decision: Decision | None = None
+    decision_reason: str = ""
+    upstream: Upstream | None = None
+    client_conn: SSL.Connection | None = None
+    relay: Relay | None = None
+    verdict: str = "not-checked"
+    verdict_reason: str | None = None
+    handshake_done: float | None = None
+    requests: int = 0
+    close_reason: str = "error"
+    _tunnel_open: bool = False
+    _opened: bool = False
+    _hello_len: int = 0
+
+    # -- entry point ------------------------------------------------------------------
+    async def run(self) -> None:
+        w = self.worker
+        try:
+            async with asyncio.timeout(w.config.limits.handshake_timeout):
+                relay = await self._set_up()
+            self.relay = relay
+            self.close_reason = await relay.done
+        except TimeoutError:
+            self.close_reason = "handshake-timeout"
+            self._alert_if_possible(ALERT_INTERNAL_ERROR)
+        except Refusal as exc:
+            self.close_reason = exc.close_reason
+        except ClientGone:
+            self.close_reason = "client-closed"
+        except RemoteProtocolError as exc:
+            self._protocol_error(exc)
+        except EndpointError as exc:
+            self.close_reason = exc.reason
+        except OSError as exc:
+            self.close_reason = f"error: {exc.strerror or exc}"
+        finally:
+            self._close()
+
+    # -- set-up -------------------------------------------------------------------------
+    async def _set_up(self) -> Relay:
+        w = self.worker
+        if w.config.mode == "explicit":
+            req = await self._read_connect()
+            self.connect_host = req.host
+            self.server_addr = (req.host, req.port)
+            decision, why = w.policy.decide(self.client_addr[0], req.host)
+            self.decision, self.decision_reason = decision, why
+            if decision is not Decision.INTERCEPT:
+                return await self._apply_non_intercept(decision, why, req.host)
+            upstream = await self._open_upstream(req.host, req.port, req.host, PREFLIGHT_ALPN)
+            self.upstream = upstream
+            await self._send_all(connect_established())
+            self._tunnel_open = True
+            hello = await self._read_client_hello()
+            name = hello.sni or req.host
+            if hello.sni and hello.sni != req.host:
+                decision, why = w.policy.decide(self.client_addr[0], hello.sni)
+                if decision is not Decision.INTERCEPT:
+                    self._drop_upstream()
+                    return await self._apply_non_intercept(decision, why, hello.sni)
+            self._decided(Decision.INTERCEPT, why)
+            if name != upstream.verified_name or not _alpn_fits(upstream.info.alpn, hello.alpn):
+                # the client asked for another name or cannot speak what upstream chose:
+                # validate a connection made with exactly its SNI and ALPN offer
+                self._drop_upstream()
+                self.upstream = await self._open_upstream(req.host, req.port, name, hello.alpn)
+        else:
+            self.server_addr = original_destination(self.sock)
+            if self.server_addr == w.listen_addr:
+                raise Refusal("loop-refused")
+            hello = await self._read_client_hello()
+            name = hello.sni or self.server_addr[0]
+            decision, why = w.policy.decide(self.client_addr[0], hello.sni)
+            if decision is not Decision.INTERCEPT:
+                return await self._apply_non_intercept(decision, why, hello.sni)
+            self._decided(Decision.INTERCEPT, why)
+            self.upstream = await self._open_upstream(
+                self.server_addr[0], self.server_addr[1], name, hello.alpn
+            )
+        return await self._intercept()
+
+    async def _read_connect(self) -> Any:
+        loop = self.worker.loop
+        while True:
+            data = await self._peek()
+            try:
+                req = parse_connect(data)
+            except ConnectRequestError as exc:
+                await self._send_all(connect_refusal(exc.status, str(exc)), ignore_errors=True)
+                raise
+            if req is not None:
+                await _recv_exactly(loop, self.sock, req.header_length)
+                return req
+            await self._wait_more(len(data) + 1)
+
+    async def _read_client_hello(self) -> ClientHello:
+        while True:
+            data = await self._peek()
+            end = client_hello_end(data)
+            if end is not None:
+                hello = parse_client_hello(data[:end])
+                self.hello = hello
+                self._hello_len = end
+                return hello
+            await self._wait_more(len(data) + 1)
+
+    async def _peek(self) -> bytes:
+        loop = self.worker.loop
+        while True:
+            try:
+                data = self.sock.recv(MAX_PEEK, socket.MSG_PEEK)
+            except BlockingIOError:
+                await _wait_readable(loop, self.sock)
+                continue
+            except ConnectionError:
+                raise ClientGone() from None
+            if not data:
+                raise ClientGone()
+            return data
+
+    async def _wait_more(self, want: int) -> None:
+        """Wait until at least ``want`` bytes are queued (SO_RCVLOWAT: no busy loop)."""
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, min(want, MAX_PEEK))
+        try:
+            await _wait_readable(self.worker.loop, self.sock)
+        finally:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+
+    def _decided(self, decision: Decision, why: str) -> None:
+        """The decision is final: record it and report the connection as open."""
+        self.decision = decision
+        self.decision_reason = why
+        if not self._opened:
+            self._opened = True
+            self._emit_open()
+
+    async def _apply_non_intercept(self, decision: Decision, why: str, name: str | None) -> Relay:
+        w = self.worker
+        self._decided(decision, why)
+        w.emit(
+            ev.POLICY,
+            {
+                "conn": self.conn_id,
+                "decision": decision.value,
+                "reason": why,
+                "name": name,
+                "client_ip": self.client_addr[0],
+            },
+        )
+        if decision is Decision.BLOCK:
+            if w.config.mode == "explicit" and not self._tunnel_open:
+                await self._send_all(
+                    connect_refusal(403, f"blocked by policy ({why})"), ignore_errors=True
+                )
+            else:
+                self._alert_if_possible(ALERT_ACCESS_DENIED)
+            raise Refusal("blocked")
+        # bypass: splice raw bytes; the peeked ClientHello is still in the socket
+        assert self.server_addr is not None
+        up_sock = await self._connect_tcp(*self.server_addr)
+        if w.config.mode == "explicit" and not self._tunnel_open:
+            await self._send_all(connect_established())
+            self._tunnel_open = True
+        relay = Relay(w.loop, TcpEndpoint("client", self.sock), TcpEndpoint("upstream", up_sock))
+        self._bypass_sock = up_sock
+        relay.start()
+        self.handshake_done = time.monotonic()
+        return relay
+
+    # -- upstream -----------------------------------------------------------------------
+    async def _connect_tcp(self, host: str, port: int) -> socket.socket:
+        w = self.worker
+        loop = w.loop
+        try:
+            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except socket.gaierror as exc:
+            raise UpstreamRefused("dns-failure", f"cannot resolve {host}: {exc.strerror}") from None
+        last: OSError | None = None
+        for family, type_, proto, _, addr in infos:
+            sock = socket.socket(family, type_, proto)
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            try:
+                async with asyncio.timeout(w.config.limits.connect_timeout):
+                    await loop.sock_connect(sock, addr)
+            except (OSError, TimeoutError) as exc:
+                sock.close()
+                last = (
+                    exc
+                    if isinstance(exc, OSError)
+                    else OSError(f"timed out connecting to {addr[0]}")
+                )
+                continue
+            self.server_addr = (addr[0], addr[1])
+            return sock
+        text = (last.strerror or str(last)) if last else "no address"
+        raise UpstreamRefused("connect-failed", f"cannot connect to {host}:{port}: {text}")
+
+    async def _open_upstream(
+        self, host: str, port: int, name: str, alpn: tuple[bytes, ...]
+    ) -> Upstream:
+        """Connect and validate; on refusal tell the client and raise Refusal."""
+        w = self.worker
+        try:
+            sock = await self._connect_tcp(host, port)
+            try:
+                conn = w.validator.new_connection(
+                    sock, server_name=None if _is_ip(name) else name, verify_host=name, alpn=alpn
+                )
+                await _handshake(w.loop, sock, conn, w.validator)
+                info = w.validator.check_established(conn)
+            except BaseException:
+                sock.close()
+                raise
+        except UpstreamRefused as exc:
+            self.verdict = "refused"
+            self.verdict_reason = f"{exc.category}: {exc.reason}"
+            w.stats.refused += 1
+            w.emit(ev.UPSTREAM_REFUSED, {
+                "conn": self.conn_id, "sni": self.hello.sni if self.hello else None,
+                "name": name, "server_ip": self.server_addr[0] if self.server_addr else host,
+                "server_port": port, "category": exc.category, "reason": exc.reason,
+            })  # fmt: skip
+            if w.config.mode == "explicit" and not self._tunnel_open:
+                await self._send_all(
+                    connect_refusal(502, f"upstream {name} refused: {exc.reason}"),
+                    ignore_errors=True,
+                )
+            else:
+                self._alert_if_possible(ALERT_HANDSHAKE_FAILURE)
+            raise Refusal("upstream-refused") from None
+        self.verdict = "valid"
+        self.verdict_reason = None
+        return Upstream(sock, conn, info, name, alpn)
+
+    def _drop_upstream(self) -> None:
+        if self.upstream is not None:
+            self.upstream.sock.close()
+            self.upstream = None
+
+    # -- client side ----------------------------------------------------------------------
+    async def _intercept(self) -> Relay:
+        w = self.worker
+        up = self.upstream
+        assert up is not None and self.hello is not None
+        name = up.verified_name
+        if _is_ip(name):
+            request = LeafRequest(
+                dns_names=up.info.dns_names, ip_addresses=(name,), not_after=up.info.not_after
+            )
+        else:
+            dns = (name, *(n for n in up.info.dns_names if n != name))
+            request = LeafRequest(dns_names=dns, ip_addresses=(), not_after=up.info.not_after)
+        ctx = w.client_contexts.context_for(request, up.info.fingerprint_sha256)
+        conn = SSL.Connection(ctx, self.sock)
+        conn.set_app_data(ClientSideState(alpn=up.info.alpn))
+        conn.set_accept_state()
+        self.client_conn = conn
+        try:
+            await _handshake(w.loop, self.sock, conn, None)
+        except SSL.Error as exc:
+            raise EndpointError(f"client-rejected-handshake: {_ssl_text(exc)}") from None
+        self.handshake_done = time.monotonic()
+        inspector = self._make_inspector(conn.get_alpn_proto_negotiated() or None)
+        relay = Relay(
+            w.loop,
+            TlsEndpoint("client", self.sock, conn),
+            TlsEndpoint("upstream", up.sock, up.conn),
+            inspect_client=inspector[0],
+            inspect_upstream=inspector[1],
+        )
+        relay.start()
+        return relay
+
+    def _make_inspector(self, alpn: bytes | None) -> tuple[Any, Any]:
+        """HTTP/1.1 inspection when the tunnel speaks it; opaque (byte counts) otherwise."""
+        if alpn not in (None, b"http/1.1"):
+            return None, None
+        w = self.worker
+        inspector = Http1Inspector(
+            record_headers=w.config.record_headers, redact_headers=w.config.redact_headers
+        )
+        self._inspector = inspector
+        sniffed: list[bool] = []  # without ALPN: decide on the first client bytes
+
+        def on_client(data: bytes) -> None:
+            if alpn is None and not sniffed:
+                sniffed.append(looks_like_http_request(data))
+            if inspector.opaque or (sniffed and not sniffed[0]):
+                return
+            try:
+                self._report(inspector.feed_request(data))
+            except HttpProtocolError as exc:
+                self._protocol_error(exc, stage="http")
+                raise EndpointError("protocol-error") from None
+
+        def on_upstream(data: bytes) -> None:
+            if inspector.opaque or (alpn is None and (not sniffed or not sniffed[0])):
+                return
+            try:
+                self._report(inspector.feed_response(data))
+            except HttpProtocolError as exc:
+                self._protocol_error(exc, stage="http")
+                raise EndpointError("protocol-error") from None
+
+        return on_client, on_upstream
+
+    def _report(self, exchanges: list[HttpExchange]) -> None:
+        for x in exchanges:
+            self.requests += 1
+            self.worker.emit(ev.HTTP, {
+                **self._addresses(),
+                "sni": self.hello.sni if self.hello else None,
+                "method": x.method, "host": x.host, "path": x.path, "http_version": x.version,
+                "status": x.status, "request_headers": x.request_headers,
+                "response_headers": x.response_headers,
+                "request_body_bytes": x.request_body_bytes,
+                "response_body_bytes": x.response_body_bytes,
+                "content_type": x.content_type, "user_agent": x.user_agent,
+                "complete": x.complete, "upgrade": x.upgrade,
+            })  # fmt: skip
+
+    # -- endings --------------------------------------------------------------------------
+    def _protocol_error(self, exc: RemoteProtocolError, stage: str | None = None) -> None:
+        if stage is None:
+            if isinstance(exc, ConnectRequestError):
+                stage = "connect"
+            elif isinstance(exc, ClientHelloError):
+                stage = "client_hello"
+                self._alert_if_possible(ALERT_HANDSHAKE_FAILURE)
+            else:
+                stage = "tls"
+        self.close_reason = "protocol-error"
+        self.worker.stats.protocol_errors += 1
+        self.worker.emit(
+            ev.PROTOCOL_ERROR, {**self._addresses(), "stage": stage, "error": str(exc)}
+        )
+
+    def _alert_if_possible(self, description: int) -> None:
+        """Refuse a client that expects a TLS handshake we never started."""
+        if self.client_conn is not None:
+            return
+        if self.worker.config.mode == "explicit" and not self._tunnel_open:
+            return
+        try:
+            if self._hello_len:
+                self.sock.recv(self._hello_len)  # consume it, or close() would send RST
+            self.sock.send(alert_record(description))
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass  # the client is gone; nothing to tell it
+
+    async def _send_all(self, data: bytes, ignore_errors: bool = False) -> None:
+        try:
+            await self.worker.loop.sock_sendall(self.sock, data)
+        except OSError:
+            if not ignore_errors:
+                raise ClientGone() from None
+
+    def _addresses(self) -> dict[str, Any]:
+        server = self.server_addr or (None, None)
+        return {"conn": self.conn_id, "client_ip": self.client_addr[0],
+                "client_port": self.client_addr[1], "server_ip": server[0],
+                "server_port": server[1]}  # fmt: skip
+
+    def _emit_open(self) -> None:
+        h = self.hello
+        self.worker.emit(ev.CONN_OPEN, {
+            **self._addresses(), "mode": self.worker.config.mode,
+            "connect_host": self.connect_host,
+            "sni": h.sni if h else None,
+            "client_alpn": [p.decode("latin-1") for p in h.alpn] if h else [],
+            "client_versions": [_VERSION_NAMES.get(v, hex(v)) for v in h.versions] if h else [],
+            "ja3": h.ja3 if h else None, "ja3_hash": h.ja3_hash if h else None,
+            "ja4": h.ja4 if h else None,
+            "decision": self.decision.value if self.decision else None,
+            "decision_reason": self.decision_reason,
+        })  # fmt: skip
+
+    def _close(self) -> None:
+        w = self.worker
+        relay = self.relay
+        if relay is not None and not relay.done.done():
+            relay.stop(self.close_reason)
+        inspector = getattr(self, "_inspector", None)
+        if inspector is not None:
+            try:
+                self._report(inspector.finish())
+            except HttpProtocolError:
+                pass  # a response cut short by the close: already counted as incomplete
+        up = self.upstream
+        if up is not None:
+            up.sock.close()
+        bypass = getattr(self, "_bypass_sock", None)
+        if bypass is not None:
+            bypass.close()
+        self.sock.close()
+        now = time.monotonic()
+        cc = self.client_conn
+        info = up.info if up else None
+        w.emit(ev.CONN_CLOSE, {
+            **self._addresses(),
+            "sni": self.hello.sni if self.hello else None,
+            "connect_host": self.connect_host,
+            "decision": self.decision.value if self.decision else None,
+            "client_tls_version": cc.get_protocol_version_name() if cc else None,
+            "client_cipher": cc.get_cipher_name() if cc else None,
+            "upstream_tls_version": info.tls_version if info else None,
+            "upstream_cipher": info.cipher if info else None,
+            "alpn": info.alpn.decode("latin-1") if info and info.alpn else None,
+            "upstream_subject": info.subject if info else None,
+            "upstream_issuer": info.issuer if info else None,
+            "upstream_fingerprint_sha256": info.fingerprint_sha256 if info else None,
+            "upstream_verdict": self.verdict,
+            "upstream_verdict_reason": self.verdict_reason,
+            "bytes_from_client": relay.up.bytes if relay else 0,
+            "bytes_from_server": relay.down.bytes if relay else 0,
+            "duration": round(now - self.started, 6),
+            "handshake_duration": round(self.handshake_done - self.started, 6)
+            if self.handshake_done else None,
+            "requests": self.requests,
+            "close_reason": self.close_reason,
+        })  # fmt: skip
+        w.connection_closed(self)
+
+
+def _alpn_fits(selected: bytes | None, offered: tuple[bytes, ...]) -> bool:
+    """Can the client use an upstream connection that negotiated ``selected``?"""
+    if selected is None:
+        return True
+    return selected in offered
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+def _ssl_text(exc: SSL.Error) -> str:
+    try:
+        return str(exc.args[0][0][2])
+    except (IndexError, TypeError):
+        return str(exc) or exc.__class__.__name__
+
+
+async def _wait_readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+    fut = loop.create_future()
+    fd = sock.fileno()
+    loop.add_reader(fd, _set_done, fut)
+    try:
+        await fut
+    finally:
+        loop.remove_reader(fd)
+
+
+async def _wait_writable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+    fut = loop.create_future()
+    fd = sock.fileno()
+    loop.add_writer(fd, _set_done, fut)
+    try:
+        await fut
+    finally:
+        loop.remove_writer(fd)
+
+
+def _set_done(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+async def _recv_exactly(loop: asyncio.AbstractEventLoop, sock: socket.socket, n: int) -> None:
+    """Consume ``n`` bytes that were already peeked."""
+    while n > 0:
+        try:
+            chunk = sock.recv(n)
+        except BlockingIOError:
+            await _wait_readable(loop, sock)
+            continue
+        if not chunk:
+            raise ClientGone()
+        n -= len(chunk)
+
+
+async def _handshake(
+    loop: asyncio.AbstractEventLoop, sock: socket.socket, conn: SSL.Connection, validator: Any
+) -> None:
+    """Drive a non-blocking handshake; upstream failures become UpstreamRefused."""
+    while True:
+        try:
+            conn.do_handshake()
+            return
+        except SSL.WantReadError:
+            await _wait_readable(loop, sock)
+        except SSL.WantWriteError:
+            await _wait_writable(loop, sock)
+        except SSL.Error as exc:
+            if validator is None:
+                raise
+            raise validator.refusal(conn, exc) from None

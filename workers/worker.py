@@ -1,0 +1,161 @@
+"""A worker: one event loop that accepts on its listening socket and runs interceptions.
+
+Rules:
+- The worker never assumes it is alone: its listening socket may be one of several
+  ``SO_REUSEPORT`` sockets steered by the supervisor's eBPF program; its certificate cache
+  and signer are interfaces the supervisor can back with shared ones; its events carry
+  its worker id and a per-worker sequence number.
+- This loop is the one place that touches sockets. Parsers and inspectors are sans-I/O.
+- Bounded: at most ``limits.max_connections`` open interceptions (further clients are
+  closed at accept and counted); idle relays are ended by a once-a-second sweep rather
+  than a timer per read.
+- Nothing here blocks: events go to a bounded queue; DNS runs in the loop's executor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from tlsgate.supervisor.config import Config
+from tlsgate.workers import events as ev
+from tlsgate.workers.certs import ClientContexts
+from tlsgate.workers.intercept import Interception
+from tlsgate.workers.policy import Policy
+from tlsgate.workers.upstream import UpstreamValidator
+
+ACCEPT_BATCH = 64
+SWEEP_INTERVAL = 1.0
+
+
+@dataclass
+class WorkerStats:
+    """Counters published in status and events."""
+
+    accepted: int = 0
+    active: int = 0
+    closed: int = 0
+    over_limit: int = 0
+    refused: int = 0
+    protocol_errors: int = 0
+    started: float = field(default_factory=time.time)
+
+
+class Worker:
+    """Serves one listening socket until ``stop()``."""
+
+    def __init__(
+        self,
+        worker_id: int,
+        config: Config,
+        listener: socket.socket,
+        *,
+        validator: UpstreamValidator,
+        client_contexts: ClientContexts,
+        emitter: ev.EventEmitter,
+        policy: Policy | None = None,
+    ) -> None:
+        self.worker_id = worker_id
+        self.config = config
+        self.listener = listener
+        self.listen_addr: tuple[str, int] = listener.getsockname()[:2]
+        self.validator = validator
+        self.client_contexts = client_contexts
+        self.emitter = emitter
+        self.policy = policy if policy is not None else config.policy()
+        self.stats = WorkerStats()
+        self.active: set[Interception] = set()
+        self._next_conn = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._stopping: asyncio.Event | None = None
+        self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
+
+    def emit(self, type_: str, fields: dict[str, Any]) -> None:
+        self.emitter.emit(type_, fields)
+
+    async def serve(self) -> None:
+        """Accept and intercept until :meth:`stop`; then drain (see ``stop``)."""
+        self.loop = asyncio.get_running_loop()
+        self._stopping = asyncio.Event()
+        self.listener.setblocking(False)
+        self.loop.add_reader(self.listener.fileno(), self._on_accept)
+        sweeper = self.loop.create_task(self._sweep())
+        try:
+            await self._stopping.wait()
+        finally:
+            self.loop.remove_reader(self.listener.fileno())
+            sweeper.cancel()
+
+    def stop(self) -> None:
+        if self._stopping is not None:
+            self._stopping.set()
+
+    async def drain(self, deadline: float) -> int:
+        """Wait for in-flight connections to end, up to ``deadline`` seconds; then end them.
+        Returns how many had to be cut."""
+        end = time.monotonic() + deadline
+        while self.active and time.monotonic() < end:
+            await asyncio.sleep(0.05)
+        cut = 0
+        for interception in list(self.active):
+            if interception.relay is not None:
+                interception.relay.stop("shutdown")
+                cut += 1
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.emitter.flush_gap()
+        return cut
+
+    def _on_accept(self) -> None:
+        limit = self.config.limits.max_connections
+        for _ in range(ACCEPT_BATCH):
+            try:
+                sock, addr = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                # EMFILE/ENFILE/ECONNABORTED: the listener stays; the client retries
+                return
+            if self.stats.active >= limit:
+                self.stats.over_limit += 1
+                sock.close()
+                continue
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.stats.accepted += 1
+            self.stats.active += 1
+            conn_id = f"{self.worker_id}-{self._next_conn}"
+            self._next_conn += 1
+            client = (_unmap(addr[0]), addr[1])
+            interception = Interception(self, sock, client, conn_id)
+            self.active.add(interception)
+            task = self.loop.create_task(interception.run())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def connection_closed(self, interception: Interception) -> None:
+        if interception in self.active:
+            self.active.discard(interception)
+            self.stats.active -= 1
+            self.stats.closed += 1
+
+    async def _sweep(self) -> None:
+        idle = self.config.limits.idle_timeout
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL)
+            # drops at the end of a burst are reported now, not at the next event
+            self.emitter.flush_gap()
+            now = self.loop.time()
+            for interception in list(self.active):
+                relay = interception.relay
+                if relay is not None and now - relay.last_activity > idle:
+                    relay.stop("idle-timeout")
+
+
+def _unmap(host: str) -> str:
+    return host[7:] if host.startswith("::ffff:") and "." in host else host
