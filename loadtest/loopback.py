@@ -109,15 +109,27 @@ def _pin(cpus: set[int]) -> None:
 
 
 def make_pki(d: Path) -> None:
-    import trustme
+    """A test CA (tlsgate's own CA code) and an origin certificate for ``origin.test``."""
+    from cryptography.hazmat.primitives import serialization
 
-    ca = trustme.CA()
-    leaf = ca.issue_cert("origin.test", "127.0.0.1")
-    ca.cert_pem.write_to_path(str(d / "ca.pem"))
-    leaf.private_key_pem.write_to_path(str(d / "origin-key.pem"))
-    with (d / "origin.pem").open("wb") as fh:
-        for blob in leaf.cert_chain_pems:
-            fh.write(blob.bytes())
+    from tlsgate.supervisor.ca import init_ca
+    from tlsgate.supervisor.signer import LeafRequest, LeafSigner, generate_leaf_key
+
+    ca = init_ca(d / "origin-ca")
+    key = generate_leaf_key()
+    leaf = LeafSigner(ca, key).sign(
+        LeafRequest(
+            dns_names=("origin.test",),
+            ip_addresses=("127.0.0.1",),
+            not_after=ca.cert.not_valid_after_utc,
+        )
+    )
+    pem = serialization.Encoding.PEM
+    (d / "ca.pem").write_bytes(ca.cert.public_bytes(pem))
+    (d / "origin.pem").write_bytes(leaf.public_bytes(pem))
+    (d / "origin-key.pem").write_bytes(
+        key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
 
 
 @contextmanager

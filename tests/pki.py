@@ -7,7 +7,8 @@ Rules of this module (other test files rely on them):
 - Defaults describe a *good* WebPKI chain: CA certificates carry a critical
   ``basicConstraints CA:TRUE``, a critical ``keyUsage keyCertSign|cRLSign``, SKI and (below
   the root) AKI; leaves carry ``CA:FALSE``, ``keyUsage digitalSignature``, EKU ``serverAuth``,
-  a SAN with ``www.example.com``, SKI and AKI, and are valid from one hour ago for 30 days.
+  a SAN with ``www.example.com``, SKI, AKI and an AIA caIssuers URL, and are valid from
+  one hour ago for 30 days.
   Every keyword argument turns one property into a defect, so a test states exactly the
   one thing that is wrong.
 - Keys are ECDSA P-256 (fast) unless ``key=rsa_key(bits)`` is given. RSA keys are cached per
@@ -20,8 +21,12 @@ API:
 
 - ``ec_key() -> ec.EllipticCurvePrivateKey``; ``rsa_key(bits=2048, slot=0) -> rsa.RSAPrivateKey``
 - ``issue(issuer, *, common_name, key, ...) -> Issued`` (every knob; ``issuer=None`` is
-  self-signed); ``make_root(...)``, ``make_intermediate(issuer, ...)``, ``make_leaf(issuer,
-  ...)`` are ``issue`` with the defaults above.
+  self-signed): validity, ``ca``/``ca_critical``/``path_length``, ``key_usage``, ``eku``
+  (+ ``eku_critical``), ``dns_names``/``ip_addresses`` (+ ``san_critical``), name
+  constraints, ``must_staple``, ``unknown_critical_extension``, ``hash_name``,
+  ``sign_with`` (forgery), ``aki``, ``subject`` (e.g. empty), ``ca_issuers_url``.
+  ``make_root(...)``, ``make_intermediate(issuer, ...)``, ``make_leaf(issuer, ...)`` are
+  ``issue`` with the defaults above.
 - ``Issued``: ``cert``, ``key``, ``issuer`` (``Issued | None``), ``cert_pem``, ``key_pem``.
 - ``Chain``: ``root``, ``intermediate``, ``leaf``; ``good_chain(...)`` builds one;
   ``chain.served()`` is what a correct server sends (leaf, intermediate).
@@ -47,7 +52,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509 import ocsp
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import AuthorityInformationAccessOID, ExtendedKeyUsageOID, NameOID
 
 PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 
@@ -58,6 +63,8 @@ OCSP_SIGNING = ExtendedKeyUsageOID.OCSP_SIGNING
 UNKNOWN_CRITICAL_OID = x509.ObjectIdentifier("1.3.6.1.4.1.99999.42.1")
 
 DEFAULT_HOST = "www.example.com"
+#: The AIA caIssuers URL leaves carry by default (never fetched: tests have no network).
+CA_ISSUERS_URL = "http://ca.example.test/intermediate.der"
 DEFAULT_LIFETIME = datetime.timedelta(days=30)
 BACKDATE = datetime.timedelta(hours=1)
 
@@ -184,18 +191,23 @@ def issue(
     hash_name: str = "sha256",
     sign_with: PrivateKey | None = None,
     aki: bool = True,
+    subject: x509.Name | None = None,
+    san_critical: bool = False,
+    eku_critical: bool = False,
+    ca_issuers_url: str | None = None,
 ) -> Issued:
     """Build one certificate with exactly the properties asked for.
 
     ``ca=None`` omits basicConstraints; ``key_usage=None`` omits keyUsage; ``eku=None`` omits
     the EKU extension; no names omits the SAN. ``sign_with`` signs with another key while
     keeping the issuer's name and AKI (a forged signature). ``hash_name`` is ``sha256``,
-    ``sha1`` or ``md5`` (the last two need an RSA signing key).
+    ``sha1`` or ``md5`` (the last two need an RSA signing key). ``subject`` replaces the
+    name built from ``common_name`` (``x509.Name([])`` is an empty subject).
     """
     key = key if key is not None else ec_key()
     start = not_before if not_before is not None else now() - BACKDATE
     end = not_after if not_after is not None else start + DEFAULT_LIFETIME
-    subject = _name(common_name)
+    subject = subject if subject is not None else _name(common_name)
     issuer_name = issuer.cert.subject if issuer is not None else subject
     signing_key = sign_with if sign_with is not None else (issuer.key if issuer else key)
     builder = (
@@ -219,11 +231,11 @@ def issue(
     if key_usage is not None:
         builder = builder.add_extension(key_usage, True)
     if eku is not None:
-        builder = builder.add_extension(x509.ExtendedKeyUsage(list(eku)), False)
+        builder = builder.add_extension(x509.ExtendedKeyUsage(list(eku)), eku_critical)
     names: list[x509.GeneralName] = [x509.DNSName(n) for n in dns_names]
     names += [x509.IPAddress(ipaddress.ip_address(a)) for a in ip_addresses]
     if names:
-        builder = builder.add_extension(x509.SubjectAlternativeName(names), False)
+        builder = builder.add_extension(x509.SubjectAlternativeName(names), san_critical)
     if permitted_dns is not None or excluded_dns is not None:
         builder = builder.add_extension(
             x509.NameConstraints(
@@ -235,6 +247,18 @@ def issue(
                 else None,
             ),
             True,
+        )
+    if ca_issuers_url is not None:
+        builder = builder.add_extension(
+            x509.AuthorityInformationAccess(
+                [
+                    x509.AccessDescription(
+                        AuthorityInformationAccessOID.CA_ISSUERS,
+                        x509.UniformResourceIdentifier(ca_issuers_url),
+                    )
+                ]
+            ),
+            False,
         )
     if must_staple:
         builder = builder.add_extension(
@@ -324,8 +348,10 @@ def make_leaf(
     not_before: datetime.datetime | None = None,
     not_after: datetime.datetime | None = None,
     sign_with: PrivateKey | None = None,
+    ca_issuers_url: str | None = CA_ISSUERS_URL,
 ) -> Issued:
-    """A server certificate issued by ``issuer``; CN defaults to the first DNS name."""
+    """A server certificate issued by ``issuer``; CN defaults to the first DNS name; like
+    publicly trusted leaves it names where to fetch its issuer (AIA caIssuers)."""
     cn = (dns_names[0] if dns_names else None) if common_name is _UNSET else common_name
     if key_usage is _UNSET:
         key_usage = RSA_LEAF_KEY_USAGE if isinstance(key, rsa.RSAPrivateKey) else LEAF_KEY_USAGE
@@ -344,6 +370,7 @@ def make_leaf(
         not_before=not_before,
         not_after=not_after,
         sign_with=sign_with,
+        ca_issuers_url=ca_issuers_url,
     )
 
 

@@ -9,44 +9,48 @@ upstream bytes to :meth:`~Http1Inspector.feed_response`, and calls
 Contract:
 
 - The inspector never changes, delays or keeps the relayed data. It stores no copy of a body or
-  of a header section: it keeps the configured header values of the message being parsed, a
-  3-byte window while it looks for the end of a response head, and counters.
-- Each side must be fed in the order its bytes were read, and request bytes before the response
+  of a header section: only the configured header values of the messages in flight, a 3-byte
+  window while it looks for the end of a response head, and counters.
+- Each side is fed in the order its bytes were read, and request bytes before the response
   bytes that answer them (the worker reads a request before the server can answer it).
-- ``feed_*`` returns the exchanges these bytes completed (usually 0 or 1), in request order, or
-  raises :class:`~tlsgate.errors.HttpProtocolError` -- never anything else. After an error the
-  inspector is dead: every later feed raises ``HttpProtocolError`` again. ``finish()`` still
-  works after an error and returns the exchanges that were cut short (``complete=False``).
+- ``feed_*`` returns the exchanges these bytes completed (usually 0 or 1), in request order,
+  or raises :class:`~tlsgate.errors.HttpProtocolError` -- never anything else. After an error
+  the inspector is dead: every later feed raises ``HttpProtocolError`` again. ``finish()``
+  still works after an error and returns the exchanges cut short (``complete=False``); it
+  omits bytes that never got past a method token.
 - A successful protocol switch (``101`` to an Upgrade request, ``2xx`` to ``CONNECT``) sets
   :attr:`~Http1Inspector.opaque`; later feeds are ignored: the worker relays the rest as an
   opaque stream and counts its bytes itself.
 
-Rules enforced (llhttp in its strict default mode does the framing; this module adds what a
-response parser cannot know on its own and the limits):
+Rules (llhttp in its strict default mode does the framing -- CRLF only, no obs-fold, no
+Content-Length together with Transfer-Encoding; this module adds what a response parser cannot
+know on its own, and the limits):
 
-- A response's framing depends on its request: a response to ``HEAD`` never has a body, a ``2xx``
-  to ``CONNECT`` ends HTTP on the connection, a ``101`` ends it after an Upgrade request, whatever
-  their headers say. llhttp cannot be told the request method, so the head of such a response is
-  delimited here (at the first CRLF CRLF, which llhttp's strict CRLF rule makes exact) and only
-  the head is fed; after a HEAD response the response parser is replaced by a fresh one. When
-  such a response is pipelined behind ordinary ones, ordinary responses are fed up to each
-  ``HTTP/`` so the parser stops at the boundary where the special response begins.
+- A response's framing depends on its request: a response to ``HEAD`` has no body, a ``2xx``
+  to ``CONNECT`` ends HTTP on the connection, a ``101`` ends it after an Upgrade request,
+  whatever their headers say. llhttp cannot be told the request method, so the head of such a
+  response is delimited here (at the first CRLF CRLF, which llhttp's strict CRLF rule makes
+  exact) and only the head is fed; after a HEAD response the response parser is replaced by a
+  fresh one. When such a response is pipelined behind ordinary ones, the ordinary ones are fed
+  up to each ``HTTP/`` so that the parser stops where the special response begins.
 - 1xx interim responses (``100 Continue``, ``103 Early Hints``) belong to the exchange of the
-  final response that follows; their headers are not recorded.
-- After an Upgrade or CONNECT request the client must wait for the answer: bytes it sends before
-  the answer are counted, not parsed. If the server refuses the switch and such bytes were sent,
-  they cannot be framed as HTTP (a request-smuggling pattern): ``HttpProtocolError``.
-- Only HTTP/1.0 and HTTP/1.1 requests with HTTP methods are inspected (llhttp also accepts
-  HTTP/0.9, HTTP/2.0 request lines and RTSP methods). A request with two Host headers is refused
-  (RFC 9112 section 3.2). A ``101`` to a request that did not ask for an Upgrade is refused.
-- Bounded memory: a header section (request/status line and header lines, counted as
-  ``name: value CRLF``; trailers count as their own section) may not exceed
-  ``max_header_bytes``; sections spanning several feeds are also capped by the bytes fed while
-  inside them, so a single endless header line is cut off too. At most ``max_pending`` exchanges
-  may be unfinished (pipelined requests waiting for responses).
+  final response that follows; their headers are not recorded. A response that ends with the
+  close (no Content-Length, last transfer coding not chunked) completes in ``finish()``.
+- After an Upgrade or CONNECT request the client must wait for the answer: bytes it sends
+  before the answer are counted, not parsed. If the server refuses the switch and such bytes
+  were sent, they cannot be framed as HTTP (a request-smuggling pattern): ``HttpProtocolError``.
+- Refused as well: HTTP versions other than 1.0/1.1 and methods of other protocols (llhttp
+  accepts HTTP/0.9, HTTP/2.0 and RTSP request lines), two Host headers in one request
+  (RFC 9112 section 3.2), a ``101`` to a request that did not ask for an Upgrade, and a
+  response while no request is outstanding.
+- Bounded memory: a header section (start line and header lines, counted as
+  ``name: value CRLF``; the trailers of a chunked body are a section of their own) may not
+  exceed ``max_header_bytes``. A section spanning several feeds is also capped by the bytes fed
+  while inside it, so one endless header line is cut off while it streams in. At most
+  ``max_pending`` exchanges may be unfinished (pipelined requests waiting for responses).
 - Header names are recorded lower-cased, values decoded as ISO-8859-1 (lossless for any byte);
-  values of redacted names are replaced by ``"[redacted]"`` so the IDS sees that a credential was
-  sent without seeing it. Trailers are parsed and counted but not recorded.
+  values of redacted names are replaced by ``"[redacted]"`` so the IDS sees that a credential
+  was sent without seeing it. Trailers are parsed and counted, not recorded.
 """
 
 from __future__ import annotations
@@ -70,6 +74,7 @@ __all__ = [
     "DEFAULT_REDACT_HEADERS",
     "HTTP_METHODS",
     "MAX_HEADER_BYTES",
+    "MAX_NAME_CACHE",
     "MAX_PENDING",
     "REDACTED",
     "Http1Inspector",
@@ -124,6 +129,9 @@ _SNIFF_SPACE_WITHIN = max(map(len, _METHOD_NAMES)) + 1
 #: Methods whose response framing does not follow the response headers.
 _SPECIAL_METHODS = frozenset({"HEAD", "CONNECT"})
 _VERSIONS = frozenset({"1.0", "1.1"})
+
+#: Characters of an RFC 9110 token (header names).
+_TOKEN_CHARS = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyz")
 
 _HEAD_END = b"\r\n\r\n"
 _HTTP_PREFIX = b"HTTP/"
@@ -259,9 +267,12 @@ def _name_tables(
 
 
 def _header_names(names: Collection[str], what: str) -> frozenset[str]:
+    """Lower-cased header names from configuration; each must be an RFC 9110 token."""
+    if isinstance(names, str):
+        raise ConfigError(f"{what} must be a list of header names, not the string {names!r}")
     result = frozenset(name.lower() for name in names)
     for name in result:
-        if not name or not name.isascii() or any(c in name for c in ' \t:"(),/;<=>?@[\\]{}'):
+        if not name or not _TOKEN_CHARS.issuperset(name):
             raise ConfigError(f"{what}: {name!r} is not an HTTP header name")
     return result
 
@@ -368,12 +379,17 @@ class Http1Inspector:
             raise ConfigError(f"max_header_bytes must be at least 1, not {max_header_bytes}")
         if max_pending < 1:
             raise ConfigError(f"max_pending must be at least 1, not {max_pending}")
-        if record_headers is not DEFAULT_RECORD_HEADERS:
-            record_headers = _header_names(record_headers, "record_headers")
-        if redact_headers is not DEFAULT_REDACT_HEADERS:
-            redact_headers = _header_names(redact_headers, "redact_headers")
-        assert isinstance(record_headers, frozenset) and isinstance(redact_headers, frozenset)
-        self._bits_of, self._lower_of = _name_tables(record_headers, redact_headers)
+        record = (
+            DEFAULT_RECORD_HEADERS
+            if record_headers is DEFAULT_RECORD_HEADERS
+            else _header_names(record_headers, "record_headers")
+        )
+        redact = (
+            DEFAULT_REDACT_HEADERS
+            if redact_headers is DEFAULT_REDACT_HEADERS
+            else _header_names(redact_headers, "redact_headers")
+        )
+        self._bits_of, self._lower_of = _name_tables(record, redact)
         self._max_header_bytes = max_header_bytes
         self._max_pending = max_pending
         self._error: HttpProtocolError | None = None

@@ -424,6 +424,7 @@ class Interception:
                 "request_body_bytes": x.request_body_bytes,
                 "response_body_bytes": x.response_body_bytes,
                 "content_type": x.content_type, "user_agent": x.user_agent,
+                "request_content_type": x.request_content_type,
                 "complete": x.complete, "upgrade": x.upgrade,
             })  # fmt: skip
 
@@ -501,6 +502,8 @@ class Interception:
         bypass = getattr(self, "_bypass_sock", None)
         if bypass is not None:
             bypass.close()
+        if self.client_conn is None and relay is None:
+            _discard_unread(self.sock)
         self.sock.close()
         now = time.monotonic()
         cc = self.client_conn
@@ -529,6 +532,17 @@ class Interception:
             "close_reason": self.close_reason,
         })  # fmt: skip
         w.connection_closed(self)
+
+
+def _discard_unread(sock: socket.socket) -> None:
+    """Read what the client sent and we did not consume (it was only peeked), so that
+    closing sends FIN, not RST: an RST could destroy the refusal we just sent."""
+    try:
+        for _ in range(16):
+            if not sock.recv(MAX_PEEK):
+                break
+    except OSError:
+        pass  # nothing more queued (EAGAIN) or the client is gone: close either way
 
 
 def _alpn_fits(selected: bytes | None, offered: tuple[bytes, ...]) -> bool:

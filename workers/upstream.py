@@ -2,58 +2,72 @@
 
 Contract (fail closed: anything unexpected refuses the upstream, never accepts it):
 
-- One :class:`UpstreamValidator` per worker, built once: it loads the trust bundle (the
-  system bundle ``DEFAULT_CA_BUNDLE`` unless ``ca_bundle`` is given) into OpenSSL and into
-  ``cryptography``'s verifier, and holds the client ``SSL.Context``: TLS 1.2 minimum;
-  TLS 1.2 ciphers ``ECDHE+AESGCM:ECDHE+CHACHA20`` at ``@SECLEVEL=2`` (so no RSA key
-  exchange, DHE, CBC, 3DES, RC4, NULL, anonymous or export suites are ever offered, and
-  RSA keys < 2048 bits and SHA-1/MD5 signatures fail OpenSSL's verification); TLS 1.3
-  suites default; no compression, no renegotiation; ``VERIFY_PEER``; released idle
-  buffers; client session caching without OpenSSL's internal store (a later resumption
-  cache keyed by host will hold sessions; nothing resumes today).
+- One :class:`UpstreamValidator` per worker (not thread-safe; one event loop uses it),
+  built once: it loads the trust bundle (the system bundle ``DEFAULT_CA_BUNDLE`` unless
+  ``ca_bundle`` is given) into OpenSSL and into ``cryptography``'s verifier, and holds the
+  client ``SSL.Context``: TLS 1.2 minimum; TLS 1.2 ciphers ``ECDHE+AESGCM:ECDHE+CHACHA20``
+  at ``@SECLEVEL=2`` (so no RSA key exchange, DHE, CBC, 3DES, RC4, NULL, anonymous or
+  export suite is ever offered, and RSA keys < 2048 bits and SHA-1/MD5 signatures fail
+  OpenSSL's own verification); TLS 1.3 suites default; no compression, no renegotiation;
+  ``VERIFY_PEER`` with at most ``MAX_CHAIN_DEPTH`` CAs; released idle buffers; client
+  session caching without OpenSSL's internal store (up to 20480 sessions a worker that
+  clients never consult). Nothing resumes today; a resumption cache keyed by host must
+  carry the verdict along, since :meth:`~UpstreamValidator.check_established` refuses a
+  handshake that ends without a verified chain, which is what a resumed session gives.
 - Per connection, :meth:`UpstreamValidator.new_connection` sets SNI (DNS names only,
   RFC 6066), the host or IP that OpenSSL must match (RFC 6125: subjectAltName only, never
   the CN; a wildcard only as the whole left-most label), asks for an OCSP staple and
-  offers ALPN. It never blocks: the caller drives ``do_handshake`` on a non-blocking socket.
+  offers ALPN. It never blocks: the caller drives ``do_handshake`` on its non-blocking
+  socket and waits for readability/writability itself.
+- During the handshake, callbacks record what they see on the
+  :class:`UpstreamConnection` (a ``SSL.Connection`` subclass, so concurrent connections
+  cannot mix): OpenSSL's first verify failure with its depth; the OCSP staple, checked by
+  :func:`tlsgate.workers.ocsp.check_staple` (revoked or invalid aborts the handshake);
+  and any CertificateRequest, which aborts the handshake at once (TLS 1.2 and 1.3: we can
+  never present the client's certificate, and an optional request is refused too).
 - When ``do_handshake`` raises :class:`OpenSSL.SSL.Error`, :meth:`UpstreamValidator.refusal`
   explains it as :class:`~tlsgate.errors.UpstreamRefused` (``category`` from
-  :data:`CATEGORIES`, ``reason`` one line with OpenSSL's verify error in words, the depth
-  and subject of the failing certificate). Priority: certificate verification error, then a
-  refusal recorded by a callback (OCSP, client-certificate request), then the TLS error.
+  :data:`CATEGORIES`; ``reason`` one line with OpenSSL's verify error in words and the
+  depth and subject of the failing certificate). Priority: the certificate verification
+  error, then the refusal a callback recorded, then the TLS error itself.
 - After the handshake, :meth:`UpstreamValidator.check_established` must be called before
-  any byte is relayed. It raises ``UpstreamRefused`` or returns :class:`UpstreamInfo`.
-  It re-checks what OpenSSL decided (verify result, TLS >= 1.2, a cipher we offered), then
-  refuses a server that sent a CertificateRequest (TLS 1.3 completes the client handshake
-  before the server notices we sent no certificate), and applies the checks OpenSSL does
-  not make or that we want twice: leaf EKU must contain serverAuth (absent is refused,
-  stricter than OpenSSL), RSA >= 2048 / EC >= 256 bits on every certificate, no SHA-1 or
-  MD5 signature below the trust anchor, must-staple honoured, and ``cryptography``'s
-  independent WebPKI verifier (``x509.verification``) over the chain OpenSSL built.
-- Verdicts of the expensive part (explicit checks + independent verifier, ~250 us) are
-  cached per (chain fingerprints, host) in an LRU of ``VERDICT_CACHE_SIZE`` entries that
-  expire after ``VERDICT_TTL`` seconds or at the earliest notAfter in the chain, whichever
-  is first. Only acceptances are cached. OpenSSL still verifies every handshake (time,
-  host, signatures), and OCSP staples are checked per connection.
-- OCSP: every connection requests a staple; the status callback checks it with
-  :func:`tlsgate.workers.ocsp.check_staple`; ``revoked`` and invalid staples abort the
-  handshake. Missing staples are fine unless the leaf is must-staple (RFC 7633).
-- Failure details travel on the :class:`UpstreamConnection` (a ``SSL.Connection``
-  subclass), never in globals, so callbacks of concurrent connections cannot mix.
-- Why a verify callback and not only ``SSL_get_verify_result``: the result code alone
-  lacks the depth, and the depth is both what an operator needs ("which certificate?") and
-  what tells an incomplete chain (depth 0: the server did not send its leaf's issuer) from
-  an untrusted root (depth > 0). pyOpenSSL's public ``set_verify`` wraps every call in
-  Python objects (~30 us per handshake); the raw cffi observer here returns at once when
-  ``ok`` is 1 (~1 us per handshake) and only does work on the single failing call. It
-  returns OpenSSL's own ``ok`` unchanged (and 0 if it ever raises), so it can only observe.
-- The pyOpenSSL internals this needs (no public API exists) are all in the section marked
-  "private pyOpenSSL internals", checked by :func:`check_private_api` when a validator is
-  built, which raises :class:`~tlsgate.errors.OperatorError` if anything is missing.
+  any byte is relayed; it raises ``UpstreamRefused`` or returns :class:`UpstreamInfo`. It
+  re-checks what OpenSSL decided (verify result, TLS 1.2/1.3, a cipher we offered), then
+  applies the checks OpenSSL does not make or that we want twice
+  (:func:`chain_policy_problem`: leaf EKU must contain serverAuth, absent is refused,
+  stricter than OpenSSL; RSA >= 2048 and EC >= 256 bits on every certificate; no SHA-1
+  or MD5 signature below the trust anchor), must-staple (RFC 7633), and
+  ``cryptography``'s independent WebPKI verifier over the path OpenSSL built
+  (:meth:`~UpstreamValidator.verify_independently`). Its profile is cryptography's WebPKI
+  default with three changes that match what browsers accept and RFC 5280 allows: a trust
+  anchor may lack keyUsage or mark basicConstraints non-critical (anchors' extensions are
+  not processed; several system roots predate the rule), and a leaf's subjectAltName or
+  EKU may be critical (private CAs such as trustme issue those). Intermediates keep the
+  strict rules, and the leaf EKU must be present with serverAuth.
+- Verdicts of the expensive part (~550 us: explicit checks + independent verifier) are
+  cached per (SHA-256 of every certificate in the verified chain, host) in an LRU of
+  ``VERDICT_CACHE_SIZE`` entries, each expiring after ``VERDICT_TTL`` seconds or at the
+  earliest notAfter in the chain, whichever comes first. Only acceptances are cached.
+  OpenSSL still verifies every handshake (time, host, signatures) and staples are checked
+  per connection; a cache hit costs ~30 us.
+- Why raw cffi callbacks (all in the section marked "private pyOpenSSL internals", checked
+  by :func:`check_private_api`, which raises :class:`~tlsgate.errors.OperatorError` when
+  something is missing): ``SSL_get_verify_result`` alone lacks the depth, and the depth is
+  what an operator needs ("which certificate?") and what tells an incomplete chain (depth
+  0: the server did not send its leaf's issuer) from an untrusted root (depth > 0).
+  pyOpenSSL's ``set_verify`` builds Python objects on every call (~30 us a handshake);
+  the observer here returns at once when ``ok`` is 1 and only works on the one failing
+  call; it returns OpenSSL's ``ok`` unchanged (0 if it ever raised), so it only observes.
+  For CertificateRequest, an info callback (~30 us a handshake, and TLS 1.3 would only be
+  caught after the handshake) is replaced by OpenSSL's certificate callback, which a
+  client runs only when a CertificateRequest arrived, so it costs nothing otherwise.
+  Host/IP matching and ``SSL_session_reused`` have no pyOpenSSL API at all.
 """
 
 from __future__ import annotations
 
 import datetime
+import hashlib
 import ipaddress
 import os
 import re
@@ -71,7 +85,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.utils import CryptographyDeprecationWarning
-from cryptography.x509.oid import ExtendedKeyUsageOID
+from cryptography.x509.oid import AuthorityInformationAccessOID, ExtendedKeyUsageOID
 from cryptography.x509.verification import (
     Criticality,
     ExtensionPolicy,
@@ -80,7 +94,11 @@ from cryptography.x509.verification import (
     Store,
     VerificationError,
 )
-from OpenSSL import SSL
+from OpenSSL import SSL, crypto
+
+# pyOpenSSL's cffi bindings: only the "private pyOpenSSL internals" section below uses them.
+from OpenSSL._util import ffi as _ffi
+from OpenSSL._util import lib as _lib
 
 from tlsgate.errors import ConfigError, OperatorError, UpstreamRefused
 from tlsgate.workers.ocsp import GOOD, REVOKED, check_staple, requires_staple
@@ -166,7 +184,7 @@ _VERIFY_ERRORS: Final[dict[int, tuple[str, str]]] = {
     78: ("bad-signature", "cert info signature and signature algorithm mismatch"),
     79: ("issuer-not-ca", "invalid CA certificate"),
 }
-#: Codes meaning "no issuer found": depth 0 is an incomplete chain, deeper an unknown root.
+#: Codes meaning "no issuer found": an incomplete chain or an unknown root (_missing_issuer).
 _MISSING_ISSUER: Final = frozenset({2, 20, 21})
 
 # TLS error reasons (lower case, as OpenSSL prints them) -> (category, what it means).
@@ -221,25 +239,23 @@ _HANDSHAKE_ERRORS: Final[tuple[tuple[str, str, str], ...]] = (
     ),
 )
 
-_SHA256 = hashes.SHA256()
+_sha256 = hashlib.sha256
 _UTC = datetime.UTC
 _SERVER_AUTH = ExtendedKeyUsageOID.SERVER_AUTH
 _WEAK_SIGNATURE_HASHES = (hashes.SHA1, hashes.MD5)
 _DNS_NAME = re.compile(r"(?:(?!-)[a-z0-9-]{1,63}(?<!-)\.)*(?!-)[a-z0-9-]{1,63}(?<!-)")
+_DIGITS_AND_DOTS = re.compile(r"[0-9.]+")
 _PEM_CERT = re.compile(
     rb"-----BEGIN CERTIFICATE-----\r?\n.+?\r?\n-----END CERTIFICATE-----", re.DOTALL
 )
-_CERT_REQUEST_STATE = b"SSLv3/TLS read server certificate request"
-_CONNECT_LOOP: Final = 0x1001  # SSL_CB_CONNECT_LOOP, compared with lib's at startup
 
 
 # --- private pyOpenSSL internals -------------------------------------------------------
-# pyOpenSSL exposes no API to set the host/IP that OpenSSL's verifier must match, to read
-# the verify result, to observe verification cheaply, or to ask whether a session was
-# resumed. These use its cffi bindings (OpenSSL._util) and Connection._ssl, and nothing
-# else in tlsgate may. check_private_api() proves they exist before a validator is built.
-from OpenSSL._util import ffi as _ffi  # noqa: E402
-from OpenSSL._util import lib as _lib  # noqa: E402
+# pyOpenSSL has no API to set the host/IP OpenSSL's verifier must match, to read the
+# verify result, to observe verification or CertificateRequests cheaply, or to ask whether
+# a session was resumed. Only this section uses its cffi bindings (_ffi, _lib),
+# Connection._ssl, Context._context and Connection._reverse_mapping; nothing else in
+# tlsgate may. check_private_api() proves they exist before a validator is built.
 
 _REQUIRED_LIB_NAMES: Final = (
     "SSL_get0_param",
@@ -257,7 +273,7 @@ _REQUIRED_LIB_NAMES: Final = (
     "X509_STORE_CTX_get_ex_data",
     "SSL_get_ex_data_X509_STORE_CTX_idx",
     "SSL_session_reused",
-    "SSL_CB_CONNECT_LOOP",
+    "SSL_CTX_set_cert_cb",
 )
 
 
@@ -267,16 +283,17 @@ def check_private_api() -> None:
     missing = [name for name in _REQUIRED_LIB_NAMES if not hasattr(_lib, name)]
     if not hasattr(SSL.Connection, "_reverse_mapping"):
         missing.append("Connection._reverse_mapping")
+    probe_context = SSL.Context(SSL.TLS_CLIENT_METHOD)
+    if not hasattr(probe_context, "_context"):
+        missing.append("Context._context")
+    if not hasattr(SSL.Connection(probe_context, None), "_ssl"):
+        missing.append("Connection._ssl")
     if missing:
         raise OperatorError(
             "the installed pyOpenSSL lacks internals tlsgate needs to validate upstream "
             f"servers ({', '.join(missing)}); install a pyOpenSSL version listed in "
             "pyproject.toml"
         )
-    if _lib.SSL_CB_CONNECT_LOOP != _CONNECT_LOOP:
-        missing.append("SSL_CB_CONNECT_LOOP == 0x1001")
-    if missing:
-        raise OperatorError(f"pyOpenSSL/OpenSSL constants changed: {', '.join(missing)}")
     for code, (_category, text) in _VERIFY_ERRORS.items():
         actual = _verify_error_string(code)
         if not actual.startswith(text):
@@ -335,6 +352,27 @@ def _install_verify_observer(ctx: SSL.Context) -> object:
     return callback
 
 
+def _refuse_cert_request(ssl: Any, arg: Any) -> int:
+    """OpenSSL certificate callback. On a client it runs only when the server sent a
+    CertificateRequest (TLS 1.2 and 1.3); returning 0 aborts the handshake right there."""
+    conn = SSL.Connection._reverse_mapping.get(ssl)
+    if isinstance(conn, UpstreamConnection):
+        conn.client_cert_requested = True
+        conn.refuse(
+            "client-certificate-required",
+            "the server asked for a client certificate (CertificateRequest); an "
+            "intercepted connection cannot present the client's certificate",
+        )
+    return 0
+
+
+def _install_cert_request_refusal(ctx: SSL.Context) -> object:
+    """Make every CertificateRequest abort the handshake; keep the handle with ``ctx``."""
+    callback = _ffi.callback("int (*)(SSL *, void *)", _refuse_cert_request, error=0)
+    _lib.SSL_CTX_set_cert_cb(ctx._context, callback, _ffi.NULL)
+    return callback
+
+
 # --- end of private pyOpenSSL internals ------------------------------------------------
 
 
@@ -364,18 +402,16 @@ class UpstreamConnection(SSL.Connection):
     ``check_established``): ``verify_host`` (normalised host or IP text), ``verify_error``
     (first OpenSSL verify failure as ``(code, depth)``), ``refused`` (first ``(category,
     reason)`` recorded by a callback), ``client_cert_requested``, ``ocsp_status``
-    (``None`` until the OCSP callback ran, then ``good``/``none``/``revoked``/``invalid``),
-    ``verified_chain`` (when a staple had to be checked).
+    (``None`` until the OCSP callback ran, then ``good``/``none``/``revoked``/``invalid``).
     """
 
-    def __init__(self, context: SSL.Context, sock: socket.socket | None, verify_host: str):
+    def __init__(self, context: SSL.Context, sock: socket.socket | None, verify_host: str) -> None:
         super().__init__(context, sock)
         self.verify_host = verify_host
         self.verify_error: tuple[int, int] | None = None
         self.refused: tuple[str, str] | None = None
         self.client_cert_requested = False
         self.ocsp_status: str | None = None
-        self.verified_chain: list[x509.Certificate] | None = None
 
     def refuse(self, category: str, reason: str) -> None:
         """Record a refusal unless one is already recorded (the first one explains)."""
@@ -451,7 +487,13 @@ def chain_policy_problem(chain: Sequence[x509.Certificate]) -> tuple[str, str] |
         return ("no-server-auth", f"the leaf {_name(leaf)} is not valid for serverAuth")
     last = len(chain) - 1
     for depth, cert in enumerate(chain):
-        key = cert.public_key()
+        try:
+            key = cert.public_key()
+        except (UnsupportedAlgorithm, ValueError):
+            return (
+                "weak-key",
+                f"unsupported public key algorithm (depth {depth}, {_name(cert)})",
+            )
         if isinstance(key, rsa.RSAPublicKey) and key.key_size < MIN_RSA_BITS:
             return (
                 "weak-key",
@@ -486,11 +528,17 @@ def negotiated_problem(
     tls_version: str | None, cipher: str | None, offered: frozenset[str]
 ) -> tuple[str, str] | None:
     """Re-check what OpenSSL negotiated: TLS 1.2/1.3 and a cipher suite we offered."""
+    if cipher is None:
+        return ("handshake-failed", "no cipher suite was negotiated: the handshake is not done")
     if tls_version not in ALLOWED_VERSIONS:
         return ("protocol-version", f"negotiated {tls_version}, TLS 1.2 or 1.3 required")
     if cipher not in offered:
         return ("weak-cipher", f"negotiated cipher suite {cipher}, which we never offer")
     return None
+
+
+def _dump_der(cert: crypto.X509) -> bytes:
+    return crypto.dump_certificate(crypto.FILETYPE_ASN1, cert)
 
 
 def _name(cert: x509.Certificate) -> str:
@@ -513,12 +561,13 @@ def _parse_host(verify_host: str) -> tuple[str, bytes | None]:
     text = verify_host
     if text.startswith("[") and text.endswith("]"):
         text = text[1:-1]
-    try:
-        ip = ipaddress.ip_address(text)
-    except ValueError:
-        pass
-    else:
-        return str(ip), ip.packed
+    if ":" in text or text[-1:].isdigit():  # only these can be IP literals
+        try:
+            ip = ipaddress.ip_address(text)
+        except ValueError:
+            pass
+        else:
+            return str(ip), ip.packed
     name = text.lower()
     if name.endswith("."):
         name = name[:-1]
@@ -570,7 +619,15 @@ class UpstreamValidator:
             .require_present(x509.BasicConstraints, Criticality.AGNOSTIC, self._ca_constraints)
             .may_be_present(x509.KeyUsage, Criticality.AGNOSTIC, self._ca_key_usage)
         )
-        self._ee_policy = ExtensionPolicy.webpki_defaults_ee()
+        self._ee_policy = (
+            ExtensionPolicy.webpki_defaults_ee()
+            .require_present(
+                x509.SubjectAlternativeName, Criticality.AGNOSTIC, self._ee_subject_alt_name
+            )
+            .may_be_present(
+                x509.ExtendedKeyUsage, Criticality.AGNOSTIC, self._ee_extended_key_usage
+            )
+        )
         self._ctx = self._build_context(path)
         self._offered_ciphers = frozenset(SSL.Connection(self._ctx).get_cipher_list())
 
@@ -593,8 +650,8 @@ class UpstreamValidator:
                 "PEM file of trusted root certificates"
             ) from exc
         self._verify_observer = _install_verify_observer(ctx)
+        self._cert_request_refusal = _install_cert_request_refusal(ctx)
         ctx.set_ocsp_client_callback(self._on_ocsp)
-        ctx.set_info_callback(self._on_info)
         return ctx
 
     @property
@@ -624,11 +681,12 @@ class UpstreamValidator:
         conn.set_connect_state()
         if server_name is not None:
             sni = server_name.lower().removesuffix(".")
-            if sni and len(sni) <= MAX_DNS_NAME and _DNS_NAME.fullmatch(sni):
-                try:
-                    ipaddress.ip_address(sni)
-                except ValueError:
-                    conn.set_tlsext_host_name(sni.encode("ascii"))
+            if (
+                len(sni) <= MAX_DNS_NAME
+                and _DNS_NAME.fullmatch(sni)
+                and not _DIGITS_AND_DOTS.fullmatch(sni)  # an IPv4 literal, never SNI
+            ):
+                conn.set_tlsext_host_name(sni.encode("ascii"))
         if not _set_verify_host(conn, None if ip else host.encode("ascii"), ip):
             raise UpstreamRefused(
                 "hostname-mismatch", f"OpenSSL cannot check certificates against {host!r}"
@@ -669,14 +727,17 @@ class UpstreamValidator:
         problem = negotiated_problem(tls_version, cipher, self._offered_ciphers)
         if problem is not None:
             raise UpstreamRefused(*problem)
-        chain = conn.verified_chain or conn.get_verified_chain(as_cryptography=True)
-        if not chain:
+        verified = conn.get_verified_chain()
+        if not verified:
             raise UpstreamRefused(
                 "verify-failed",
                 "the handshake finished without a verified certificate chain (a resumed "
                 "session or a handshake that is not complete); refusing",
             )
-        verdict = self._verdict(chain, conn.verify_host)
+        ders = [_dump_der(cert) for cert in verified]
+        digests = tuple(_sha256(der).digest() for der in ders)
+        chain = tuple(map(x509.load_der_x509_certificate, ders))
+        verdict = self._verdict(chain, digests, conn.verify_host)
         ocsp_status = conn.ocsp_status or "none"
         if verdict.must_staple and ocsp_status != GOOD:
             raise UpstreamRefused(
@@ -691,7 +752,7 @@ class UpstreamValidator:
             cipher=cipher,
             alpn=alpn or None,
             leaf=chain[0],
-            chain=tuple(chain),
+            chain=chain,
             subject=verdict.subject,
             issuer=verdict.issuer,
             fingerprint_sha256=verdict.fingerprint_sha256,
@@ -725,7 +786,6 @@ class UpstreamValidator:
             conn.ocsp_status = "invalid"
             conn.refuse("verify-failed", "an OCSP staple arrived before a verified chain")
             return False
-        conn.verified_chain = chain
         issuer = chain[1] if len(chain) > 1 else chain[0]
         now = datetime.datetime.fromtimestamp(self._clock(), _UTC)
         verdict = check_staple(der, chain[0], issuer, now)
@@ -735,26 +795,15 @@ class UpstreamValidator:
         conn.refuse("revoked" if verdict.status == REVOKED else "ocsp-invalid", verdict.reason)
         return False
 
-    def _on_info(self, conn: SSL.Connection, where: int, ret: int) -> None:
-        """Info callback: notice a CertificateRequest (TLS 1.2 and 1.3)."""
-        if (
-            where == _CONNECT_LOOP
-            and isinstance(conn, UpstreamConnection)
-            and conn.get_state_string() == _CERT_REQUEST_STATE
-        ):
-            conn.client_cert_requested = True
-            conn.refuse(
-                "client-certificate-required",
-                "the server asked for a client certificate (CertificateRequest); an "
-                "intercepted connection cannot present the client's certificate",
-            )
-
     # -- verdicts --------------------------------------------------------------------------
 
-    def _verdict(self, chain: Sequence[x509.Certificate], host: str) -> _Verdict:
+    def _verdict(
+        self, chain: Sequence[x509.Certificate], digests: tuple[bytes, ...], host: str
+    ) -> _Verdict:
+        """The cached acceptance of ``chain`` (SHA-256 ``digests`` of its DER) for ``host``,
+        or a fresh one after the explicit checks and the independent verifier."""
         now = self._clock()
-        fingerprints = tuple(cert.fingerprint(_SHA256) for cert in chain)
-        key = (fingerprints, host)
+        key = (digests, host)
         cached = self._cache.get(key)
         if cached is not None:
             if cached.expires > now:
@@ -766,7 +815,7 @@ class UpstreamValidator:
         problem = chain_policy_problem(chain)
         if problem is not None:
             raise UpstreamRefused(*problem)
-        self._verify_independently(chain, host, now)
+        self.verify_independently(chain, host, now)
         leaf = chain[0]
         dns_names, ip_addresses = _san(leaf)
         not_after = leaf.not_valid_after_utc
@@ -775,7 +824,7 @@ class UpstreamValidator:
             must_staple=requires_staple(leaf),
             subject=_name(leaf),
             issuer=leaf.issuer.rfc4514_string(),
-            fingerprint_sha256=fingerprints[0].hex(),
+            fingerprint_sha256=digests[0].hex(),
             dns_names=dns_names,
             ip_addresses=ip_addresses,
             not_after=not_after,
@@ -785,16 +834,21 @@ class UpstreamValidator:
             self._cache.popitem(last=False)
         return verdict
 
-    def _verify_independently(
-        self, chain: Sequence[x509.Certificate], host: str, now: float
+    def verify_independently(
+        self, chain: Sequence[x509.Certificate], host: str, now: float | None = None
     ) -> None:
-        """Run ``cryptography``'s WebPKI verifier over the path OpenSSL built."""
-        try:
-            ip = ipaddress.ip_address(host)
-        except ValueError:
-            subject: x509.DNSName | x509.IPAddress = x509.DNSName(host)
+        """Second opinion: ``cryptography``'s WebPKI verifier (with the CA/leaf profile
+        described in the module docstring) over ``chain`` (leaf first, then the path to a
+        trust anchor) for ``host`` at ``now`` (default: the validator's clock). Raises
+        :class:`UpstreamRefused`; uncached (``check_established`` caches acceptances)."""
+        host, ip_packed = _parse_host(host)
+        if now is None:
+            now = self._clock()
+        subject: x509.DNSName | x509.IPAddress
+        if ip_packed is not None:
+            subject = x509.IPAddress(ipaddress.ip_address(host))
         else:
-            subject = x509.IPAddress(ip)
+            subject = x509.DNSName(host)
         self._policy_failure = None
         try:
             verifier = (
@@ -814,6 +868,11 @@ class UpstreamValidator:
         except VerificationError as exc:
             if self._policy_failure is not None:
                 raise UpstreamRefused(*self._policy_failure) from None
+            if "no matching subjectAltName" in str(exc):
+                raise UpstreamRefused(
+                    "hostname-mismatch",
+                    f"the independent verifier found no subjectAltName matching {host}",
+                ) from None
             when = datetime.datetime.fromtimestamp(now, _UTC)
             for depth, cert in enumerate(chain):
                 if cert.not_valid_after_utc < when:
@@ -852,6 +911,27 @@ class UpstreamValidator:
                     f"the CA certificate {_name(cert)} has a non-critical basicConstraints",
                 )
 
+    def _ee_subject_alt_name(
+        self, policy: Policy, cert: x509.Certificate, san: x509.SubjectAlternativeName
+    ) -> None:
+        """Leaf subjectAltName: critical when the subject is empty (RFC 5280 4.2.1.6). The
+        verifier still matches it against the host itself. Unlike cryptography's WebPKI
+        default, a critical SAN beside a non-empty subject is accepted, as browsers do."""
+        if len(cert.subject) == 0:
+            if not cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).critical:
+                self._policy_fail(
+                    "verify-failed",
+                    "the leaf has an empty subject and a non-critical subjectAltName",
+                )
+
+    def _ee_extended_key_usage(
+        self, policy: Policy, cert: x509.Certificate, eku: x509.ExtendedKeyUsage | None
+    ) -> None:
+        """Leaf EKU: present (stricter than RFC 5280) and listing serverAuth; either
+        criticality, as browsers accept."""
+        if eku is None or _SERVER_AUTH not in eku:
+            self._policy_fail("no-server-auth", f"the leaf {_name(cert)} lacks serverAuth")
+
     def _ca_key_usage(
         self, policy: Policy, cert: x509.Certificate, ku: x509.KeyUsage | None
     ) -> None:
@@ -869,7 +949,7 @@ class UpstreamValidator:
     # -- refusals ---------------------------------------------------------------------------
 
     def _verify_refusal(self, conn: UpstreamConnection, code: int, depth: int) -> UpstreamRefused:
-        category, _text = _VERIFY_ERRORS.get(code, ("verify-failed", ""))
+        category = _VERIFY_ERRORS.get(code, ("verify-failed", ""))[0]
         text = _verify_error_string(code)
         chain = conn.get_verified_chain(as_cryptography=True) or conn.get_peer_cert_chain(
             as_cryptography=True
@@ -880,12 +960,9 @@ class UpstreamValidator:
             where += f", {_name(cert)}"
         detail = ""
         if code in _MISSING_ISSUER:
-            if depth == 0 or (depth < 0 and chain is not None and len(chain) == 1):
-                category = "incomplete-chain"
-                detail = ": the server did not send the intermediate that issued its leaf"
-            else:
-                category = "untrusted-root"
-                detail = ": the chain leads to a CA that is not in the trust store"
+            if cert is None and depth < 0 and chain:
+                cert = chain[-1]  # where the chain OpenSSL could build stopped
+            category, detail = _missing_issuer(cert, depth)
         elif cert is not None and category == "expired":
             detail = f": notAfter {cert.not_valid_after_utc.isoformat()}"
         elif cert is not None and category == "not-yet-valid":
@@ -894,9 +971,43 @@ class UpstreamValidator:
             dns, ips = _san(cert)
             names = [f"DNS:{n}" for n in dns] + [f"IP:{a}" for a in ips]
             listed = ", ".join(names[:MAX_REASON_NAMES]) or "no subjectAltName"
-            more = f" and {len(names) - MAX_REASON_NAMES} more" if len(names) > 6 else ""
+            extra = len(names) - MAX_REASON_NAMES
+            more = f" and {extra} more" if extra > 0 else ""
             detail = f": wanted {conn.verify_host}, certificate has {listed}{more}"
         return UpstreamRefused(category, f"{text} ({where}){detail}")
+
+
+def _missing_issuer(cert: x509.Certificate | None, depth: int) -> tuple[str, str]:
+    """Category and detail when no issuer was found for ``cert`` at ``depth``.
+
+    A server that omits its intermediate and a CA nobody trusts look alike. A leaf that
+    names where to fetch its issuer (AIA caIssuers, as every publicly trusted leaf does) is
+    an incomplete chain that browsers repair by fetching or caching intermediates; tlsgate
+    does not. Anything else is treated as an untrusted root."""
+    if cert is None:
+        return "untrusted-root", ": no issuer of the chain is trusted"
+    issuer = cert.issuer.rfc4514_string() or "<empty issuer>"
+    if depth <= 0 and _ca_issuers_url(cert) is not None:
+        return (
+            "incomplete-chain",
+            f": the server did not send the intermediate {issuer} that issued its leaf "
+            f"(browsers may fetch it from {_ca_issuers_url(cert)}; tlsgate does not)",
+        )
+    return "untrusted-root", f": its issuer {issuer} is neither sent nor a trusted root"
+
+
+def _ca_issuers_url(cert: x509.Certificate) -> str | None:
+    """The first AIA caIssuers URI of ``cert``, if any."""
+    try:
+        aia = cert.extensions.get_extension_for_class(x509.AuthorityInformationAccess).value
+    except (x509.ExtensionNotFound, ValueError):
+        return None
+    for description in aia:
+        if description.access_method == AuthorityInformationAccessOID.CA_ISSUERS and isinstance(
+            description.access_location, x509.UniformResourceIdentifier
+        ):
+            return str(description.access_location.value)
+    return None
 
 
 def _handshake_refusal(exc: Exception) -> UpstreamRefused:

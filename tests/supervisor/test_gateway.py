@@ -8,6 +8,7 @@ import os
 import socket
 import ssl
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -47,6 +48,12 @@ def pki(tmp_path_factory: pytest.TempPathFactory, upstream_ca: trustme.CA) -> di
 
 @pytest.fixture(scope="module")
 def origin(pki: dict[str, Path]) -> Iterator[Origin]:
+    with Origin(pki["cert"], pki["key"], alpn="http/1.1") as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def origin_without_alpn(pki: dict[str, Path]) -> Iterator[Origin]:
     with Origin(pki["cert"], pki["key"]) as server:
         yield server
 
@@ -179,14 +186,34 @@ def test_keep_alive_requests_on_one_tunnel_each_produce_an_http_event(
     conn.request("POST", "/echo", body=b"z" * 5000)
     assert conn.getresponse().read() == b"z" * 5000
     conn.close()
-    events = gateway.wait_events("http", 1)
-    mine = [e for e in events if e["path"].startswith("/keepalive/") or e["path"] == "/echo"]
-    deadline_events = gateway.wait_events("http", len(events) + 0)
+    mine: list[dict[str, object]] = []
+    for _ in range(200):
+        events = gateway.wait_events("http", 1)
+        mine = [e for e in events if e["path"].startswith("/keepalive/") or e["path"] == "/echo"]
+        if len(mine) == len(paths) + 2:
+            break
+        time.sleep(0.05)
     assert len({e["conn"] for e in mine}) == 1
     assert [e["path"] for e in mine] == [*paths, "/keepalive/head", "/echo"]
     assert mine[-2]["method"] == "HEAD" and mine[-2]["response_body_bytes"] == 0
     assert mine[-1]["request_body_bytes"] == 5000 and mine[-1]["response_body_bytes"] == 5000
-    assert deadline_events
+
+
+def test_the_client_is_answered_the_alpn_the_upstream_selected_and_none_when_it_chose_none(
+    gateway: Gateway, origin: Origin, origin_without_alpn: Origin
+) -> None:
+    def negotiated(port: int) -> str:
+        result = subprocess.run(
+            ["openssl", "s_client", "-proxy", f"{gateway.host}:{gateway.port}", "-connect",
+             f"localhost:{port}", "-servername", "localhost", "-CAfile", str(gateway.ca_cert),
+             "-alpn", "h2,http/1.1"],
+            input="", capture_output=True, text=True, timeout=CURL_TIMEOUT,
+        )  # fmt: skip
+        assert "Verify return code: 0 (ok)" in result.stdout, result.stdout + result.stderr
+        return next(line for line in result.stdout.splitlines() if "ALPN" in line)
+
+    assert negotiated(origin.port) == "ALPN protocol: http/1.1"
+    assert negotiated(origin_without_alpn.port) == "No ALPN negotiated"
 
 
 def test_a_blocked_name_gets_403_and_a_policy_event(gateway: Gateway, origin: Origin) -> None:

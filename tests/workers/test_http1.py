@@ -11,6 +11,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import httptools
 import pytest
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
@@ -151,10 +152,12 @@ def test_header_values_are_decoded_as_latin_1_so_any_byte_survives() -> None:
 
 
 def test_the_first_user_agent_and_content_type_win() -> None:
-    request = req("GET", "/", "User-Agent: first", "User-Agent: second")
+    request = req("GET", "/", "User-Agent: first", "User-Agent: second", "Content-Type: q/1")
+    request = request[:-2] + b"Content-Type: q/2\r\n\r\n"
     response = resp(200, "Content-Type: a/b", "Content-Type: c/d")
     exchange = one(request, response)
     assert exchange.user_agent == "first"
+    assert exchange.request_content_type == "q/1"
     assert exchange.content_type == "a/b"
 
 
@@ -346,11 +349,15 @@ def test_http_1_0_without_keep_alive_ends_with_a_close_delimited_response() -> N
     assert exchange.response_body_bytes == 10
 
 
-def test_a_transfer_coding_other_than_chunked_means_the_body_ends_with_the_close() -> None:
+@pytest.mark.parametrize("coding", [b"gzip", b"chunked, gzip", b"chunked , "])
+def test_a_body_whose_last_transfer_coding_is_not_chunked_ends_with_the_close(
+    coding: bytes,
+) -> None:
     inspector = Http1Inspector()
-    feed(inspector, GET, b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nbinary")
+    response = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: " + coding + b"\r\n\r\n3\r\nabc\r\n"
+    assert feed(inspector, GET, response) == []
     [exchange] = inspector.finish()
-    assert exchange.complete and exchange.response_body_bytes == 6
+    assert exchange.complete and exchange.response_body_bytes == 8
 
 
 @pytest.mark.parametrize(
@@ -446,6 +453,26 @@ def test_a_head_response_pipelined_behind_a_body_mentioning_http_is_found(size: 
     ]
 
 
+def test_a_head_response_split_anywhere_near_its_start_or_end_is_delimited_exactly() -> None:
+    before = resp(200, body=b"x\r\n")
+    head_response = resp(200, "Content-Length: 42", length=False)
+    after = resp(200, body=b"HTTP/1.1 200 OK\r\n\r\n")
+    stream = before + head_response + after
+    start, end = len(before), len(before) + len(head_response)
+    cuts = sorted({*range(start - 4, start + 7), *range(end - 6, end + 4)})
+    for i, j in ((i, j) for i in cuts for j in cuts if i < j):
+        inspector = Http1Inspector()
+        inspector.feed_request(req("GET", "/1") + req("HEAD", "/2") + req("GET", "/3"))
+        out = []
+        for piece in (stream[:i], stream[i:j], stream[j:]):
+            out += inspector.feed_response(piece)
+        assert summary(out) == [
+            ("GET", "/1", 200, 0, 3),
+            ("HEAD", "/2", 200, 0, 0),
+            ("GET", "/3", 200, 0, 19),
+        ], (i, j)
+
+
 def test_blank_lines_before_a_head_response_do_not_end_its_head_early() -> None:
     out = feed(
         Http1Inspector(),
@@ -520,6 +547,12 @@ def test_a_101_switches_the_connection_to_opaque_and_later_bytes_are_ignored(siz
     assert inspector.finish() == []
 
 
+def test_the_protocol_is_the_one_the_server_chose_among_those_offered() -> None:
+    request = req("GET", "/", "Upgrade: h2c, WebSocket", "Connection: Upgrade")
+    [exchange] = feed(Http1Inspector(), request, WS_101)
+    assert exchange.upgrade == "websocket"
+
+
 def test_a_101_without_an_upgrade_header_takes_the_protocol_from_the_request() -> None:
     inspector = Http1Inspector()
     [exchange] = feed(inspector, WS_REQUEST, b"HTTP/1.1 101 OK\r\n\r\n" + WS_FRAMES)
@@ -562,6 +595,16 @@ def test_bytes_sent_before_the_answer_to_an_upgrade_are_refused_if_it_is_refused
     inspector = Http1Inspector()
     assert inspector.feed_request(WS_REQUEST + b"GET /smuggled HTTP/1.1\r\n\r\n") == []
     assert "possible request smuggling" in refused(inspector, b"", resp(400))
+
+
+def test_after_a_switch_client_bytes_are_ignored_even_if_its_request_was_unfinished() -> None:
+    inspector = Http1Inspector()
+    inspector.feed_request(b"CONNECT a:1 HTTP/1.1\r\nHost: a:1\r\n")
+    assert inspector.feed_response(b"HTTP/1.1 200 OK\r\n\r\n") == []
+    assert inspector.opaque
+    assert inspector.feed_request(b"\r\n\x16\x03\x01 not HTTP") == []
+    [connect] = inspector.finish()
+    assert (connect.method, connect.status, connect.complete) == ("CONNECT", 200, False)
 
 
 def test_a_connect_refused_before_the_request_ended_does_not_block_the_connection() -> None:
@@ -652,11 +695,26 @@ def test_after_an_error_every_feed_raises_but_finish_still_reports() -> None:
         ({"record_headers": ["Host", "bad name"]}, "'bad name' is not an HTTP header name"),
         ({"redact_headers": ["caf\xe9"]}, "is not an HTTP header name"),
         ({"record_headers": [""]}, "is not an HTTP header name"),
+        ({"record_headers": ["x-\x00"]}, "is not an HTTP header name"),
+        ({"record_headers": "host"}, "must be a list of header names"),
     ],
 )
 def test_invalid_settings_are_an_operator_error(kwargs: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         Http1Inspector(**kwargs)
+
+
+def test_errors_from_the_parser_glue_become_protocol_errors_and_our_bugs_propagate() -> None:
+    from httptools import HttpParserCallbackError, HttpParserError
+
+    inspector = Http1Inspector()
+    glue = HttpParserCallbackError("User callback error")
+    glue.__context__ = HttpParserError("invalid headers state")
+    assert "invalid headers state" in str(inspector._translate(glue, "client request"))
+    bug = HttpParserCallbackError("User callback error")
+    bug.__context__ = KeyError("oops")
+    with pytest.raises(KeyError):
+        inspector._translate(bug, "client request")
 
 
 # -- bounded memory ----------------------------------------------------------------------------
@@ -745,6 +803,26 @@ def test_an_endless_trailer_line_is_cut_off_while_it_streams_in(side: str) -> No
             feed_side(b"v" * 100)
 
 
+@pytest.mark.parametrize("ends_in_next_head", [False, True])
+def test_bytes_after_the_end_of_a_header_section_do_not_count_toward_its_limit(
+    ends_in_next_head: bool,
+) -> None:
+    body = b"b" * 5000
+    request = req("POST", "/", f"Content-Length: {len(body)}", body=body)
+    response = resp(200, body=body)
+    if ends_in_next_head:
+        request += b"GET /next HTTP/1.1\r\nX: 1"
+        response += b"HTTP/1.1 200 OK\r\nX: 1"
+    inspector = Http1Inspector(max_header_bytes=1024)
+    out = []
+    # Per side: one feed ending inside the header section, one closing it with 5000 bytes more.
+    for piece in (request[:20], request[20:]):
+        out += inspector.feed_request(piece)
+    for piece in (response[:20], response[20:]):
+        out += inspector.feed_response(piece)
+    assert summary(out) == [("POST", "/", 200, len(body), len(body))]
+
+
 def test_a_large_chunked_body_in_small_chunks_is_not_mistaken_for_a_header_section() -> None:
     body = chunked(*([b"z" * 50] * 400))
     request = req("POST", "/", "Transfer-Encoding: chunked", body=body)
@@ -800,7 +878,7 @@ def traffic(draw: st.DrawFn) -> list[tuple[str, bytes]]:
 
 
 @given(schedule=traffic(), limits=st.sampled_from([(65536, 64), (40, 2), (200, 1)]))
-@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @example(schedule=[("request", b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nX\r\n")],
          limits=(65536, 64))  # fmt: skip
 def test_feeds_return_a_list_or_raise_http_protocol_error_and_nothing_else(
@@ -870,6 +948,16 @@ class Recorded:
     request: bytes = b""
 
 
+class _EndOfMessage:
+    """httptools protocol noting where the first request ends (the canned server's only need)."""
+
+    def __init__(self, ended: list[bool]) -> None:
+        self.ended = ended
+
+    def on_message_complete(self) -> None:
+        self.ended.append(True)
+
+
 def canned_server(answer: bytes, recorded: Recorded) -> tuple[socket.socket, threading.Thread]:
     """A plain-TCP listener on 127.0.0.1:0 that records one request and answers ``answer``."""
     listener = socket.create_server(("127.0.0.1", 0))
@@ -879,15 +967,11 @@ def canned_server(answer: bytes, recorded: Recorded) -> tuple[socket.socket, thr
         conn, _ = listener.accept()
         with conn:
             conn.settimeout(TIMEOUT)
-            inspector = Http1Inspector()  # knows when the request is complete
-            while True:
-                data = conn.recv(65536)
-                if not data:
-                    break
+            ended: list[bool] = []
+            parser = httptools.HttpRequestParser(_EndOfMessage(ended))
+            while not ended and (data := conn.recv(65536)):
                 recorded.request += data
-                inspector.feed_request(data)
-                if inspector.feed_response(answer):
-                    break
+                parser.feed_data(data)
             conn.sendall(answer)
             conn.shutdown(socket.SHUT_WR)
 

@@ -1,0 +1,80 @@
+"""Configuration: a TOML file overridden by flags; every bad value is a clear startup error."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tlsgate.errors import ConfigError
+from tlsgate.supervisor.config import Config, build_config, load_config, parse_listen
+
+
+def test_defaults_are_the_safe_explicit_proxy_on_loopback() -> None:
+    config = build_config({})
+    assert config.listen == ("127.0.0.1", 8080)
+    assert config.mode == "explicit"
+    assert config.workers == 1
+    assert "authorization" in config.redact_headers and "cookie" in config.redact_headers
+
+
+def test_flags_override_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "tlsgate.toml"
+    path.write_text('listen = "127.0.0.1:9000"\nmode = "transparent"\n[limits]\nidle_timeout = 5\n')
+    config = load_config(path, {"listen": "[::1]:9443", "mode": None})
+    assert config.listen == ("::1", 9443)
+    assert config.mode == "transparent"
+    assert config.limits.idle_timeout == 5.0
+
+
+def test_policy_lists_come_from_the_file_and_flags(tmp_path: Path) -> None:
+    path = tmp_path / "tlsgate.toml"
+    path.write_text('[policy]\nbypass_domains = ["*.bank.example"]\nblock_clients = ["10.9.0.0/16"]\n')
+    config = load_config(path, {"policy.block_domains": ["evil.example"]})
+    assert config.bypass_domains == ("*.bank.example",)
+    assert config.block_domains == ("evil.example",)
+    assert config.policy().decide("10.9.1.1", "ok.example")[0].value == "block"
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"listen": "localhost:8080"}, "not an IP address"),
+        ({"listen": "127.0.0.1"}, "ADDRESS:PORT"),
+        ({"listen": "127.0.0.1:70000"}, "port must be"),
+        ({"mode": "sideways"}, "choose one of: explicit, transparent"),
+        ({"workers": 0}, "positive int"),
+        ({"workers": "2"}, "positive int"),
+        ({"lisen": "127.0.0.1:1"}, "unknown setting 'lisen'"),
+        ({"limits": {"idle_timeout": -1}}, "limits.idle_timeout must be a positive"),
+        ({"limits": {"idle": 3}}, "unknown setting 'idle'"),
+        ({"policy": {"bypass_domains": "a.example"}}, "must be a list of strings"),
+        ({"policy": {"block_clients": ["10.0.0.0/33"]}}, "10.0.0.0/33"),
+        ({"upstream_ca_bundle": "/nonexistent/bundle.pem"}, "no such file"),
+        ({"events": "file.msgpack"}, "must be a table"),
+    ],
+)
+def test_every_bad_value_is_a_config_error_naming_it(data: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        build_config(data)
+
+
+def test_a_broken_toml_file_is_a_config_error_naming_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "broken.toml"
+    path.write_text("listen = \n")
+    with pytest.raises(ConfigError, match="broken.toml is not valid TOML"):
+        load_config(path, {})
+
+
+def test_a_missing_config_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.toml", {})
+
+
+def test_listen_accepts_bracketed_ipv6_and_port_zero() -> None:
+    assert parse_listen("[::1]:0") == ("::1", 0)
+
+
+def test_config_is_immutable() -> None:
+    with pytest.raises(AttributeError):
+        Config().mode = "transparent"  # type: ignore[misc]
