@@ -11,7 +11,7 @@ test:
 	@scripts/setup.sh test
 	.venv/bin/ruff check .
 	.venv/bin/ruff format --check .
-	.venv/bin/mypy
+	scripts/typecheck.sh
 	.venv/bin/python -m pytest
 
 setup:

@@ -66,15 +66,10 @@ fi
 extras=""
 [ "$profile" = test ] && extras="[dev]"
 stamp="$venv/.tlsgate-installed$extras"
-# Editable install in "strict" mode: a tree of links to the source files, which both the
-# interpreter and mypy follow (mypy cannot follow the default import-hook finder). A new
-# module needs a new link, so the stamp covers the list of modules too.
-want=$( (cat "$here/pyproject.toml"; cd "$here" && find tlsgate workers supervisor bpf loadtest \
-  -name '*.py' -o -name '*.c' -o -name 'py.typed' | sort) | sha256sum | cut -d' ' -f1)
+want=$(cat "$here/pyproject.toml"| sha256sum | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || ! "$venv/bin/python" -c 'import tlsgate' 2>/dev/null; then
   say "installing tlsgate$extras into $venv"
   "$venv/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip >/dev/null
-  "$venv/bin/python" -m pip install -q --disable-pip-version-check \
-    --config-settings editable_mode=strict -e "$here$extras"
+  "$venv/bin/python" -m pip install -q --disable-pip-version-check -e "$here$extras"
   echo "$want" > "$stamp"
 fi

@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     server = ThreadingHTTPServer((args.host, args.port), Handler)
     server.daemon_threads = True
     server.socket = ctx.wrap_socket(server.socket, server_side=True)
-    host, port = server.server_address[:2]
+    host, port = str(server.server_address[0]), server.server_address[1]
     print(f"listening {host} {port}", flush=True)
     try:
         server.serve_forever()

@@ -298,7 +298,7 @@ class Interception:
                     else OSError(f"timed out connecting to {addr[0]}")
                 )
                 continue
-            self.server_addr = (addr[0], addr[1])
+            self.server_addr = (str(addr[0]), int(addr[1]))
             return sock
         text = (last.strerror or str(last)) if last else "no address"
         raise UpstreamRefused("connect-failed", f"cannot connect to {host}:{port}: {text}")

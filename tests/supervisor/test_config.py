@@ -29,7 +29,9 @@ def test_flags_override_the_file(tmp_path: Path) -> None:
 
 def test_policy_lists_come_from_the_file_and_flags(tmp_path: Path) -> None:
     path = tmp_path / "tlsgate.toml"
-    path.write_text('[policy]\nbypass_domains = ["*.bank.example"]\nblock_clients = ["10.9.0.0/16"]\n')
+    path.write_text(
+        '[policy]\nbypass_domains = ["*.bank.example"]\nblock_clients = ["10.9.0.0/16"]\n'
+    )
     config = load_config(path, {"policy.block_domains": ["evil.example"]})
     assert config.bypass_domains == ("*.bank.example",)
     assert config.block_domains == ("evil.example",)
@@ -62,7 +64,7 @@ def test_every_bad_value_is_a_config_error_naming_it(data: dict[str, object], me
 def test_a_broken_toml_file_is_a_config_error_naming_the_file(tmp_path: Path) -> None:
     path = tmp_path / "broken.toml"
     path.write_text("listen = \n")
-    with pytest.raises(ConfigError, match="broken.toml is not valid TOML"):
+    with pytest.raises(ConfigError, match=r"broken\.toml is not valid TOML"):
         load_config(path, {})
 
 
