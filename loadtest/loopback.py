@@ -57,6 +57,7 @@ http {{
     listen 127.0.0.1:{port} ssl;
     ssl_certificate {dir}/origin.pem;
     ssl_certificate_key {dir}/origin-key.pem;
+    ssl_protocols TLSv1.2 TLSv1.3;
     ssl_session_tickets off;
     ssl_session_cache off;
     root {dir}/www;
@@ -109,7 +110,7 @@ def _pin(cpus: set[int]) -> None:
 
 
 def make_pki(d: Path) -> None:
-    """A test CA (tlsgate's own CA code) and an origin certificate for ``origin.test``."""
+    """A test CA (tlsgate's own CA code) and an origin certificate for ``localhost``."""
     from cryptography.hazmat.primitives import serialization
 
     from tlsgate.supervisor.ca import init_ca
@@ -119,7 +120,7 @@ def make_pki(d: Path) -> None:
     key = generate_leaf_key()
     leaf = LeafSigner(ca, key).sign(
         LeafRequest(
-            dns_names=("origin.test",),
+            dns_names=("localhost",),
             ip_addresses=("127.0.0.1",),
             not_after=ca.cert.not_valid_after_utc,
         )
@@ -171,10 +172,17 @@ def _listening(port: int) -> Callable[[], bool]:
     return check
 
 
+def _py_spy() -> str:
+    found = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not Path(found).exists():
+        raise SystemExit("--profile needs py-spy: pip install py-spy")
+    return found
+
+
 # -- clients (run in worker processes) ---------------------------------------------------
 def _tunnel(proxy: int, origin: int, ctx: ssl.SSLContext) -> ssl.SSLSocket:
     sock = socket.create_connection(("127.0.0.1", proxy), timeout=10)
-    sock.sendall(f"CONNECT origin.test:{origin} HTTP/1.1\r\nHost: origin.test\r\n\r\n".encode())
+    sock.sendall(f"CONNECT localhost:{origin} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())
     head = b""
     while b"\r\n\r\n" not in head:
         chunk = sock.recv(4096)
@@ -183,7 +191,7 @@ def _tunnel(proxy: int, origin: int, ctx: ssl.SSLContext) -> ssl.SSLSocket:
         head += chunk
     if not head.startswith(b"HTTP/1.1 200"):
         raise OSError(head.split(b"\r\n", 1)[0].decode())
-    return ctx.wrap_socket(sock, server_hostname="origin.test")
+    return ctx.wrap_socket(sock, server_hostname="localhost")
 
 
 def _read_response(tls: ssl.SSLSocket, buf: bytearray) -> int:
@@ -215,19 +223,19 @@ def _client(args: tuple[str, int, int, str, float, int]) -> tuple[int, int, int]
     ctx.set_alpn_protocols(["http/1.1"])
     units = errors = nbytes = 0
     end = time.monotonic() + seconds
-    request = b"GET / HTTP/1.1\r\nHost: origin.test\r\n\r\n"
+    request = b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n"
     if scenario == "newconn":
         while time.monotonic() < end:
             try:
                 with _tunnel(proxy, origin, ctx) as tls:
-                    tls.sendall(b"GET / HTTP/1.1\r\nHost: origin.test\r\nConnection: close\r\n\r\n")
+                    tls.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
                     nbytes += _read_response(tls, bytearray())
                 units += 1
             except OSError:
                 errors += 1
         return units, errors, nbytes
     path = b"/bulk" if scenario == "bulk" else b"/"
-    request = b"GET " + path + b" HTTP/1.1\r\nHost: origin.test\r\n\r\n"
+    request = b"GET " + path + b" HTTP/1.1\r\nHost: localhost\r\n\r\n"
     while time.monotonic() < end:
         try:
             with _tunnel(proxy, origin, ctx) as tls:
@@ -241,7 +249,26 @@ def _client(args: tuple[str, int, int, str, float, int]) -> tuple[int, int, int]
     return units, errors, nbytes
 
 
-def run(seconds: float, clients: int, scenarios: list[str], keep: bool) -> list[Result]:
+def hottest(collapsed: Path, top: int = 5) -> list[tuple[str, float]]:
+    """Functions by share of samples in which they were the innermost frame (self time),
+    from py-spy's raw (collapsed-stack) output."""
+    self_samples: dict[str, int] = {}
+    total = 0
+    for line in collapsed.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        leaf = stack.rsplit(";", 1)[-1]
+        name = leaf.split(" (", 1)[0] + " (" + leaf.split(" (", 1)[-1].split(":", 1)[0] + ")"
+        self_samples[name] = self_samples.get(name, 0) + int(count)
+        total += int(count)
+    ranked = sorted(self_samples.items(), key=lambda kv: kv[1], reverse=True)[:top]
+    return [(name, n / total) for name, n in ranked] if total else []
+
+
+def run(
+    seconds: float, clients: int, scenarios: list[str], keep: bool, profile: bool = False
+) -> list[Result]:
     if shutil.which("nginx") is None:
         raise SystemExit("nginx is not installed: apt-get install nginx-light")
     ncpu = os.cpu_count() or 1
@@ -269,13 +296,23 @@ def run(seconds: float, clients: int, scenarios: list[str], keep: bool) -> list[
               f"{seconds:.0f} s per scenario", flush=True)  # fmt: skip
         with multiprocess.Pool(clients) as pool:
             for scenario in scenarios:
-                jobs = [(scenario, proxy_port, origin_port, str(d / "ca.pem"), seconds,
+                jobs = [(scenario, proxy_port, origin_port, str(d / "state" / "ca" / "cert.pem"), seconds,
                          client_cpus[i % len(client_cpus)]) for i in range(clients)]  # fmt: skip
+                spy = None
+                if profile:
+                    spy = subprocess.Popen(
+                        [_py_spy(), "record", "--pid", str(gw_pid), "--rate", "250",
+                         "--duration", str(max(1, int(seconds) - 1)), "--format", "raw",
+                         "--output", str(d / f"profile-{scenario}.txt"), "--nonblocking"],
+                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                    )  # fmt: skip
                 cpu0 = cpu_seconds(gw_pid)
                 t0 = time.monotonic()
                 out = pool.map(_client, jobs)
                 elapsed = time.monotonic() - t0
                 cpu = cpu_seconds(gw_pid) - cpu0
+                if spy is not None:
+                    spy.wait(timeout=30)
                 units = sum(o[0] for o in out)
                 errors = sum(o[1] for o in out)
                 nbytes = sum(o[2] for o in out)
@@ -286,6 +323,9 @@ def run(seconds: float, clients: int, scenarios: list[str], keep: bool) -> list[
                     result = Result(scenario, units, unit, elapsed, errors, cpu, nbytes)
                 results.append(result)
                 print(result.line(), flush=True)
+                if spy is not None and (d / f"profile-{scenario}.txt").exists():
+                    for name, share in hottest(d / f"profile-{scenario}.txt"):
+                        print(f"    {share:6.1%}  {name}", flush=True)
         rss = Path(f"/proc/{gw_pid}/status").read_text().split("VmRSS:")[1].split()[0]
         print(f"gateway RSS {int(rss) // 1024} MiB", flush=True)
     return results
@@ -304,9 +344,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--json", action="store_true", help="print results as JSON too")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="sample the gateway with py-spy and print its 5 hottest functions",
+    )
     args = parser.parse_args(argv)
     scenarios = ["newconn", "keepalive", "bulk"] if args.scenario == "all" else [args.scenario]
-    results = run(args.seconds, args.clients, scenarios, args.keep)
+    results = run(args.seconds, args.clients, scenarios, args.keep, args.profile)
     if args.json:
         print(json.dumps([r.__dict__ for r in results]))
     return 1 if any(r.errors for r in results) else 0

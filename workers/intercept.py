@@ -104,6 +104,7 @@ class Interception:
     started: float = field(default_factory=time.monotonic)
     server_addr: tuple[str, int] | None = None
     connect_host: str | None = None
+    connect_port: int | None = None
     hello: ClientHello | None = None
     decision: Decision | None = None
     decision_reason: str = ""
@@ -149,7 +150,7 @@ class Interception:
         if w.config.mode == "explicit":
             req = await self._read_connect()
             self.connect_host = req.host
-            self.server_addr = (req.host, req.port)
+            self.connect_port = req.port
             decision, why = w.policy.decide(self.client_addr[0], req.host)
             self.decision, self.decision_reason = decision, why
             if decision is not Decision.INTERCEPT:
@@ -263,8 +264,11 @@ class Interception:
                 self._alert_if_possible(ALERT_ACCESS_DENIED)
             raise Refusal("blocked")
         # bypass: splice raw bytes; the peeked ClientHello is still in the socket
-        assert self.server_addr is not None
-        up_sock = await self._connect_tcp(*self.server_addr)
+        if self.server_addr is not None:
+            up_sock = await self._connect_tcp(*self.server_addr)
+        else:
+            assert self.connect_host is not None and self.connect_port is not None
+            up_sock = await self._connect_tcp(self.connect_host, self.connect_port)
         if w.config.mode == "explicit" and not self._tunnel_open:
             await self._send_all(connect_established())
             self._tunnel_open = True
@@ -325,7 +329,7 @@ class Interception:
             w.stats.refused += 1
             w.emit(ev.UPSTREAM_REFUSED, {
                 "conn": self.conn_id, "sni": self.hello.sni if self.hello else None,
-                "name": name, "server_ip": self.server_addr[0] if self.server_addr else host,
+                "name": name, "server_ip": self.server_addr[0] if self.server_addr else None,
                 "server_port": port, "category": exc.category, "reason": exc.reason,
             })  # fmt: skip
             if w.config.mode == "explicit" and not self._tunnel_open:
@@ -466,7 +470,8 @@ class Interception:
                 raise ClientGone() from None
 
     def _addresses(self) -> dict[str, Any]:
-        server = self.server_addr or (None, None)
+        # before the upstream connect in explicit mode only the CONNECT port is known
+        server = self.server_addr or (None, self.connect_port)
         return {"conn": self.conn_id, "client_ip": self.client_addr[0],
                 "client_port": self.client_addr[1], "server_ip": server[0],
                 "server_port": server[1]}  # fmt: skip
