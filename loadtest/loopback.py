@@ -296,7 +296,8 @@ def run(
               f"{seconds:.0f} s per scenario", flush=True)  # fmt: skip
         with multiprocess.Pool(clients) as pool:
             for scenario in scenarios:
-                jobs = [(scenario, proxy_port, origin_port, str(d / "state" / "ca" / "cert.pem"), seconds,
+                gateway_ca = str(d / "state" / "ca" / "cert.pem")
+                jobs = [(scenario, proxy_port, origin_port, gateway_ca, seconds,
                          client_cpus[i % len(client_cpus)]) for i in range(clients)]  # fmt: skip
                 spy = None
                 if profile:
