@@ -24,7 +24,8 @@ from typing import Protocol
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
-from OpenSSL import SSL, crypto
+from cryptography.hazmat.primitives.serialization import Encoding
+from OpenSSL import SSL
 
 from tlsgate.supervisor.signer import LeafRequest
 
@@ -112,8 +113,8 @@ class ClientContexts:
         context_cache_size: int = DEFAULT_CONTEXT_CACHE_SIZE,
     ) -> None:
         self._signer = signer
-        self._leaf_key = crypto.PKey.from_cryptography_key(leaf_key)
-        self._chain = [crypto.X509.from_cryptography(c) for c in chain]
+        self._leaf_key = leaf_key
+        self._chain = list(chain)
         self._cache = cache
         self._contexts: OrderedDict[bytes, SSL.Context] = OrderedDict()
         self._context_cache_size = context_cache_size
@@ -130,15 +131,15 @@ class ClientContexts:
         if der is None:
             cert = self._signer.sign(request)
             self.minted += 1
-            der = cert.public_bytes(_DER)
+            der = cert.public_bytes(Encoding.DER)
             self._cache.put(key, der)
-        ctx = self._build(crypto.load_certificate(crypto.FILETYPE_ASN1, der))
+        ctx = self._build(x509.load_der_x509_certificate(der))
         self._contexts[key] = ctx
         while len(self._contexts) > self._context_cache_size:
             self._contexts.popitem(last=False)
         return ctx
 
-    def _build(self, leaf: crypto.X509) -> SSL.Context:
+    def _build(self, leaf: x509.Certificate) -> SSL.Context:
         ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
         ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
         ctx.set_cipher_list(CLIENT_TLS12_CIPHERS)
@@ -163,8 +164,3 @@ def chain_to_send(
     if ca_cert.issuer == ca_cert.subject and not ca_chain:
         return []
     return [ca_cert, *ca_chain]
-
-
-from cryptography.hazmat.primitives.serialization import Encoding  # noqa: E402
-
-_DER = Encoding.DER

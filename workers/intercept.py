@@ -227,12 +227,29 @@ class Interception:
             return data
 
     async def _wait_more(self, want: int) -> None:
-        """Wait until at least ``want`` bytes are queued (SO_RCVLOWAT: no busy loop)."""
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, min(want, MAX_PEEK))
+        """Wait until at least ``want`` bytes are queued (SO_RCVLOWAT: no busy loop).
+
+        The peer's FIN also wakes us while the bytes it sent are still queued (and only
+        peeked, so recv never shows the end of stream): that case is the client going away.
+        """
+        sock = self.sock
+        want = min(want, MAX_PEEK)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, want)
         try:
-            await _wait_readable(self.worker.loop, self.sock)
+            while True:
+                await _wait_readable(self.worker.loop, sock)
+                try:
+                    queued = len(sock.recv(MAX_PEEK, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+                except BlockingIOError:
+                    queued = 0
+                except ConnectionError:
+                    raise ClientGone() from None
+                if queued >= want:
+                    return
+                if _peer_closed(sock):
+                    raise ClientGone()
         finally:
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
 
     def _decided(self, decision: Decision, why: str) -> None:
         """The decision is final: record it and report the connection as open."""
@@ -548,6 +565,19 @@ def _discard_unread(sock: socket.socket) -> None:
                 break
     except OSError:
         pass  # nothing more queued (EAGAIN) or the client is gone: close either way
+
+
+TCP_CLOSE_WAIT = 8  # include/net/tcp_states.h
+TCP_CLOSE = 7
+
+
+def _peer_closed(sock: socket.socket) -> bool:
+    """Has the peer sent FIN (or reset)? ``tcpi_state`` is the first byte of TCP_INFO."""
+    try:
+        state = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+    except OSError:
+        return True
+    return state in (TCP_CLOSE_WAIT, TCP_CLOSE)
 
 
 def _alpn_fits(selected: bytes | None, offered: tuple[bytes, ...]) -> bool:
