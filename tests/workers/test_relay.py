@@ -14,6 +14,7 @@ import pytest
 import trustme
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from OpenSSL import SSL
 
 from tlsgate.workers.relay import READ_SIZE, EndpointError, Relay, TcpEndpoint, TlsEndpoint
@@ -166,7 +167,9 @@ def tls_contexts() -> tuple[SSL.Context, SSL.Context]:
     leaf = ca.issue_cert("relay.test")
     server = SSL.Context(SSL.TLS_SERVER_METHOD)
     server.use_certificate(x509.load_pem_x509_certificate(leaf.cert_chain_pems[0].bytes()))
-    server.use_privatekey(serialization.load_pem_private_key(leaf.private_key_pem.bytes(), None))
+    key = serialization.load_pem_private_key(leaf.private_key_pem.bytes(), None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    server.use_privatekey(key)
     client = SSL.Context(SSL.TLS_CLIENT_METHOD)
     return server, client
 
