@@ -39,7 +39,6 @@ File layout (every key optional)::
 from __future__ import annotations
 
 import ipaddress
-import os
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -249,16 +248,3 @@ def load_config(path: Path | None, overrides: Mapping[str, Any]) -> Config:
         else:
             data[key] = value
     return build_config(data, where)
-
-
-def passphrase_from_file(path: Path | None) -> bytes | None:
-    """The CA key passphrase from a file (one trailing newline stripped), or None."""
-    if path is None:
-        return None
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"cannot read CA passphrase file {path}: {exc.strerror}") from None
-    if os.stat(path).st_mode & 0o077:
-        raise ConfigError(f"CA passphrase file {path} is readable by others; run chmod 600 {path}")
-    return data[:-1] if data.endswith(b"\n") else data

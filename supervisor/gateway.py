@@ -26,7 +26,7 @@ from tlsgate import __version__
 from tlsgate.errors import OperatorError
 from tlsgate.paths import events_socket_path, runtime_dir
 from tlsgate.supervisor.ca import LoadedCA, ensure_ca
-from tlsgate.supervisor.config import Config, passphrase_from_file
+from tlsgate.supervisor.config import Config
 from tlsgate.supervisor.eventhub import EventHub
 from tlsgate.supervisor.signer import LeafSigner, generate_leaf_key
 from tlsgate.workers.certs import ClientContexts, LruCertificateCache, chain_to_send
@@ -96,14 +96,13 @@ def banner(
     out.flush()
 
 
-def run_gateway(config: Config, out: TextIO = sys.stderr) -> int:
+def run_gateway(config: Config, passphrase: bytes | None = None, out: TextIO = sys.stderr) -> int:
     """Run until SIGTERM/SIGINT; drain in-flight connections; return the exit code."""
     if config.workers != 1:
         raise OperatorError(
             f"--workers {config.workers}: this build serves one worker in-process; "
             "run with --workers 1 (multi-worker steering arrives with the supervisor)"
         )
-    passphrase = passphrase_from_file(config.ca_passphrase_file)
     ca, created = ensure_ca(config.state_dir, passphrase)
     listener = make_listener(config)
     run_dir = runtime_dir(config.state_dir)

@@ -70,6 +70,8 @@ class Gateway:
             argv = ["ip", "netns", "exec", netns, *argv]
         self.argv = argv
         self.proc: subprocess.Popen[bytes] | None = None
+        #: descriptors the gateway inherits (e.g. --ca-passphrase-fd)
+        self.pass_fds: tuple[int, ...] = ()
         self.host = ""
         self.port = 0
         self.stderr_tail = ""
@@ -86,7 +88,11 @@ class Gateway:
         # deprecations in the gateway's own code paths fail the test that reaches them
         env = {**os.environ, "PYTHONWARNINGS": "error::DeprecationWarning"}
         self.proc = subprocess.Popen(
-            self.argv, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env
+            self.argv,
+            stderr=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            env=env,
+            pass_fds=self.pass_fds,
         )
         m = _wait_line(self.proc, self.proc.stderr, LISTEN_RE)
         self.host, self.port = m.group(1), int(m.group(2))

@@ -17,6 +17,7 @@ from tlsgate.errors import OperatorError
 
 
 def _run(args: argparse.Namespace) -> int:
+    from tlsgate.supervisor.ca_commands import passphrase_from_args, read_passphrase_file
     from tlsgate.supervisor.config import load_config
     from tlsgate.supervisor.gateway import run_gateway
 
@@ -34,11 +35,14 @@ def _run(args: argparse.Namespace) -> int:
     if args.block:
         overrides["policy.block_domains"] = args.block
     config = load_config(Path(args.config) if args.config else None, overrides)
-    return run_gateway(config)
+    passphrase = passphrase_from_args(args, "ca-passphrase")
+    if passphrase is None and config.ca_passphrase_file is not None:
+        passphrase = read_passphrase_file(config.ca_passphrase_file, "ca_passphrase_file")
+    return run_gateway(config, passphrase)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from tlsgate.supervisor.ca_commands import add_ca_parser
+    from tlsgate.supervisor.ca_commands import add_ca_parser, add_passphrase_options
     from tlsgate.supervisor.events_commands import add_events_parser
 
     parser = argparse.ArgumentParser(
@@ -61,11 +65,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="trust these CAs for upstream servers instead of the system store",
     )
     run.add_argument(
-        "--ca-passphrase-file",
-        metavar="FILE",
-        help="file holding the passphrase of an encrypted CA key",
-    )
-    run.add_argument(
         "--events-file", metavar="FILE", help="also append every event (msgpack stream) to FILE"
     )
     run.add_argument(
@@ -77,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--block", action="append", metavar="GLOB", help="refuse these names (repeatable)"
     )
+    add_passphrase_options(run, "ca-passphrase", "passphrase of an encrypted CA key")
     run.set_defaults(func=_run)
 
     add_ca_parser(sub)

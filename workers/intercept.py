@@ -300,7 +300,7 @@ class Interception:
         w = self.worker
         loop = w.loop
         try:
-            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            infos = await w.resolver.resolve(host, port)
         except socket.gaierror as exc:
             raise UpstreamRefused("dns-failure", f"cannot resolve {host}: {exc.strerror}") from None
         last: OSError | None = None

@@ -25,6 +25,7 @@ from tlsgate.workers import events as ev
 from tlsgate.workers.certs import ClientContexts
 from tlsgate.workers.intercept import Interception
 from tlsgate.workers.policy import Policy
+from tlsgate.workers.resolver import Resolver
 from tlsgate.workers.upstream import UpstreamValidator
 
 ACCEPT_BATCH = 64
@@ -67,6 +68,7 @@ class Worker:
         self.emitter = emitter
         self.policy = policy if policy is not None else config.policy()
         self.stats = WorkerStats()
+        self.resolver = Resolver()
         self.active: set[Interception] = set()
         self._next_conn = 0
         self._tasks: set[asyncio.Task[None]] = set()

@@ -8,6 +8,7 @@ import os
 import socket
 import ssl
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -259,3 +260,34 @@ def test_the_gateway_refuses_to_start_when_the_ca_key_is_readable_by_others(
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "chmod 600" in lines[0]
+
+
+def test_an_encrypted_ca_key_is_unlocked_from_a_file_descriptor_and_never_from_argv(
+    tmp_path: Path, pki: dict[str, Path], origin: Origin
+) -> None:
+    secret = tmp_path / "pass"
+    secret.write_bytes(b"correct horse battery staple\n")
+    secret.chmod(0o600)
+    state = tmp_path / "state"
+    init = subprocess.run(
+        [sys.executable, "-m", "tlsgate", "ca", "init", "--state-dir", str(state),
+         "--passphrase-file", str(secret)],
+        capture_output=True, text=True, timeout=20,
+    )  # fmt: skip
+    assert init.returncode == 0, init.stderr
+    assert b"ENCRYPTED" in (state / "ca" / "key.pem").read_bytes()
+    locked = subprocess.run(
+        Gateway(state, upstream_ca=pki["ca"]).argv, capture_output=True, text=True, timeout=20
+    )
+    assert locked.returncode == 2
+    assert len(locked.stderr.strip().splitlines()) == 1 and "passphrase" in locked.stderr
+
+    read_end, write_end = os.pipe()
+    os.write(write_end, b"correct horse battery staple\n")
+    os.close(write_end)
+    gateway = Gateway(state, upstream_ca=pki["ca"], args=["--ca-passphrase-fd", str(read_end)])
+    gateway.pass_fds = (read_end,)
+    with gateway:
+        os.close(read_end)
+        result = curl(gateway, f"https://localhost:{origin.port}/unlocked")
+        assert result.returncode == 0, result.stderr
