@@ -291,3 +291,34 @@ def test_an_encrypted_ca_key_is_unlocked_from_a_file_descriptor_and_never_from_a
         os.close(read_end)
         result = curl(gateway, f"https://localhost:{origin.port}/unlocked")
         assert result.returncode == 0, result.stderr
+
+
+def test_a_client_that_only_speaks_tls_1_1_is_refused(gateway: Gateway, origin: Origin) -> None:
+    result = subprocess.run(
+        ["openssl", "s_client", "-proxy", f"{gateway.host}:{gateway.port}", "-connect",
+         f"localhost:{origin.port}", "-servername", "localhost", "-tls1_1", "-cipher",
+         "DEFAULT@SECLEVEL=0"],
+        input="", capture_output=True, text=True, timeout=CURL_TIMEOUT,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "no peer certificate available" in result.stdout  # no minted leaf was sent
+    assert "BEGIN CERTIFICATE" not in result.stdout
+
+
+def test_curl_trusts_the_certificate_that_tlsgate_ca_export_prints(
+    gateway: Gateway, origin: Origin, tmp_path: Path
+) -> None:
+    exported = subprocess.run(
+        [sys.executable, "-m", "tlsgate", "ca", "export", "--state-dir", str(gateway.state_dir)],
+        capture_output=True, timeout=20, check=True,
+    ).stdout  # fmt: skip
+    assert exported.startswith(b"-----BEGIN CERTIFICATE-----")
+    ca_file = tmp_path / "exported.pem"
+    ca_file.write_bytes(exported)
+    result = subprocess.run(
+        ["curl", "-sS", "--max-time", "15", "--proxy", gateway.proxy, "--cacert", str(ca_file),
+         f"https://localhost:{origin.port}/exported"],
+        capture_output=True, text=True, timeout=CURL_TIMEOUT,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "hello from /exported\n"
