@@ -29,7 +29,12 @@ from tlsgate.supervisor.ca import LoadedCA, ensure_ca
 from tlsgate.supervisor.config import Config
 from tlsgate.supervisor.eventhub import EventHub
 from tlsgate.supervisor.signer import LeafSigner, generate_leaf_key
-from tlsgate.workers.certs import ClientContexts, LruCertificateCache, chain_to_send
+from tlsgate.workers.certs import (
+    ClientContexts,
+    LocalMinter,
+    LruCertificateCache,
+    chain_to_send,
+)
 from tlsgate.workers.events import EventEmitter, EventQueue
 from tlsgate.workers.upstream import UpstreamValidator
 from tlsgate.workers.worker import Worker
@@ -111,11 +116,12 @@ def run_gateway(config: Config, passphrase: bytes | None = None, out: TextIO = s
         ca_bundle=str(config.upstream_ca_bundle) if config.upstream_ca_bundle else None
     )
     leaf_key = generate_leaf_key()
+    cache = LruCertificateCache()
     contexts = ClientContexts(
-        LeafSigner(ca, leaf_key),
+        LocalMinter(LeafSigner(ca, leaf_key), cache),
         leaf_key,
         chain_to_send(ca.cert, ca.chain),
-        LruCertificateCache(),
+        cache,
     )
     queue = EventQueue()
     emitter = EventEmitter(0, queue)

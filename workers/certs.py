@@ -16,6 +16,7 @@ Rules:
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -44,9 +45,29 @@ class CertificateCache(Protocol):
 
 
 class Signer(Protocol):
-    """Whoever holds the CA key: mints a leaf for a request."""
+    """Whoever holds the CA key: mints a leaf for a request (in-process)."""
 
     def sign(self, request: LeafRequest) -> x509.Certificate: ...
+
+
+class Minter(Protocol):
+    """What a worker asks on a cache miss: DER of a leaf for ``request``, stored under
+    ``key`` in the shared cache by whoever signs (in-process, or the supervisor's signer)."""
+
+    async def mint(self, request: LeafRequest, key: bytes) -> bytes: ...
+
+
+class LocalMinter:
+    """Signs in this process (single-process gateway, tests) and fills the cache."""
+
+    def __init__(self, signer: Signer, cache: CertificateCache) -> None:
+        self._signer = signer
+        self._cache = cache
+
+    async def mint(self, request: LeafRequest, key: bytes) -> bytes:
+        der = self._signer.sign(request).public_bytes(Encoding.DER)
+        self._cache.put(key, der)
+        return der
 
 
 class LruCertificateCache:
@@ -105,23 +126,26 @@ class ClientContexts:
 
     def __init__(
         self,
-        signer: Signer,
+        minter: Minter,
         leaf_key: ec.EllipticCurvePrivateKey,
         chain: Sequence[x509.Certificate],
         cache: CertificateCache,
         *,
         context_cache_size: int = DEFAULT_CONTEXT_CACHE_SIZE,
     ) -> None:
-        self._signer = signer
+        self._minter = minter
         self._leaf_key = leaf_key
         self._chain = list(chain)
         self._cache = cache
         self._contexts: OrderedDict[bytes, SSL.Context] = OrderedDict()
         self._context_cache_size = context_cache_size
+        self._minting: dict[bytes, asyncio.Future[bytes]] = {}
         self.minted = 0
 
-    def context_for(self, request: LeafRequest, upstream_fingerprint: str) -> SSL.Context:
-        """A Context presenting a leaf for ``request``, minting and caching it if needed."""
+    async def context_for(self, request: LeafRequest, upstream_fingerprint: str) -> SSL.Context:
+        """A Context presenting a leaf for ``request``: from this worker's contexts, else the
+        shared cache, else minted (concurrent misses for one key in this worker wait for one
+        mint; across workers the signer coalesces them)."""
         key = cache_key(request, upstream_fingerprint)
         ctx = self._contexts.get(key)
         if ctx is not None:
@@ -129,12 +153,25 @@ class ClientContexts:
             return ctx
         der = self._cache.get(key)
         if der is None:
-            cert = self._signer.sign(request)
-            self.minted += 1
-            der = cert.public_bytes(Encoding.DER)
-            self._cache.put(key, der)
-        ctx = self._build(x509.load_der_x509_certificate(der))
+            pending = self._minting.get(key)
+            if pending is not None:
+                der = await asyncio.shield(pending)
+            else:
+                future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+                self._minting[key] = future
+                try:
+                    der = await self._minter.mint(request, key)
+                    self.minted += 1
+                    future.set_result(der)
+                except BaseException as exc:
+                    future.set_exception(exc)
+                    future.exception()  # retrieved: waiters re-raise it, nobody leaks it
+                    raise
+                finally:
+                    del self._minting[key]
+        ctx = self._contexts.get(key) or self._build(x509.load_der_x509_certificate(der))
         self._contexts[key] = ctx
+        self._contexts.move_to_end(key)
         while len(self._contexts) > self._context_cache_size:
             self._contexts.popitem(last=False)
         return ctx

@@ -379,7 +379,7 @@ class Interception:
         else:
             dns = (name, *(n for n in up.info.dns_names if n != name))
             request = LeafRequest(dns_names=dns, ip_addresses=(), not_after=up.info.not_after)
-        ctx = w.client_contexts.context_for(request, up.info.fingerprint_sha256)
+        ctx = await w.client_contexts.context_for(request, up.info.fingerprint_sha256)
         conn = SSL.Connection(ctx, self.sock)
         conn.set_app_data(ClientSideState(alpn=up.info.alpn))
         conn.set_accept_state()

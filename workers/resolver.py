@@ -50,7 +50,10 @@ class Resolver:
             return entry[1]
         self.lookups += 1
         loop = asyncio.get_running_loop()
-        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        infos: list[Address] = [
+            (int(f), int(t), p, c, a)
+            for f, t, p, c, a in await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        ]
         self._cache[key] = (now + self.ttl, infos)
         self._cache.move_to_end(key)
         while len(self._cache) > self.max_entries:
