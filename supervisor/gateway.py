@@ -103,11 +103,6 @@ def banner(
 
 def run_gateway(config: Config, passphrase: bytes | None = None, out: TextIO = sys.stderr) -> int:
     """Run until SIGTERM/SIGINT; drain in-flight connections; return the exit code."""
-    if config.workers != 1:
-        raise OperatorError(
-            f"--workers {config.workers}: this build serves one worker in-process; "
-            "run with --workers 1 (multi-worker steering arrives with the supervisor)"
-        )
     ca, created = ensure_ca(config.state_dir, passphrase)
     listener = make_listener(config)
     run_dir = runtime_dir(config.state_dir)

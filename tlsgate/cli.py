@@ -38,11 +38,16 @@ def _run(args: argparse.Namespace) -> int:
     passphrase = passphrase_from_args(args, "ca-passphrase")
     if passphrase is None and config.ca_passphrase_file is not None:
         passphrase = read_passphrase_file(config.ca_passphrase_file, "ca_passphrase_file")
+    if config.workers > 1:
+        from tlsgate.supervisor.supervisor import run_supervisor
+
+        return run_supervisor(config, passphrase)
     return run_gateway(config, passphrase)
 
 
 def build_parser() -> argparse.ArgumentParser:
     from tlsgate.supervisor.ca_commands import add_ca_parser, add_passphrase_options
+    from tlsgate.supervisor.control_commands import add_control_parsers
     from tlsgate.supervisor.events_commands import add_events_parser
 
     parser = argparse.ArgumentParser(
@@ -81,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_ca_parser(sub)
     add_events_parser(sub)
+    add_control_parsers(sub)
     return parser
 
 

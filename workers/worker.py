@@ -69,6 +69,8 @@ class Worker:
         self.policy = policy if policy is not None else config.policy()
         self.stats = WorkerStats()
         self.resolver = Resolver()
+        #: publishes the active-connection count for least-loaded eBPF steering (or None)
+        self.load_publisher: Any = None
         self.active: set[Interception] = set()
         self._next_conn = 0
         self._tasks: set[asyncio.Task[None]] = set()
@@ -131,6 +133,8 @@ class Worker:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self.stats.accepted += 1
             self.stats.active += 1
+            if self.load_publisher is not None:
+                self.load_publisher.publish(self.stats.active)
             conn_id = f"{self.worker_id}-{self._next_conn}"
             self._next_conn += 1
             client = (_unmap(addr[0]), addr[1])
@@ -145,6 +149,8 @@ class Worker:
             self.active.discard(interception)
             self.stats.active -= 1
             self.stats.closed += 1
+            if self.load_publisher is not None:
+                self.load_publisher.publish(self.stats.active)
 
     async def _sweep(self) -> None:
         idle = self.config.limits.idle_timeout

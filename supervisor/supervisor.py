@@ -1,0 +1,251 @@
+"""`tlsgate run` with worker processes: the root supervisor's wiring.
+
+What lives here (and nowhere else): the CA key (only inside the signer service), the
+shared certificate cache's writer, the event hub, the listening sockets, the eBPF
+steering program, the control socket, and the :class:`~tlsgate.supervisor.arbiter.Arbiter`
+that keeps the workers alive. Workers get their socket, the leaf key, the signer's socket
+path and the cache path — never the CA key, and they drop root.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, TextIO
+
+import multiprocess  # type: ignore[import-untyped]
+from cryptography.hazmat.primitives import serialization
+from multiprocess.reduction import DupFd  # type: ignore[import-untyped]
+
+from tlsgate import __version__
+from tlsgate.errors import OperatorError
+from tlsgate.paths import control_socket_path, events_socket_path, runtime_dir
+from tlsgate.supervisor.arbiter import STATS_FIELDS, Arbiter, Slot
+from tlsgate.supervisor.ca import ensure_ca
+from tlsgate.supervisor.config import Config
+from tlsgate.supervisor.control import ControlServer
+from tlsgate.supervisor.eventhub import EventHub
+from tlsgate.supervisor.gateway import banner, make_listener
+from tlsgate.supervisor.signer import LeafSigner, generate_leaf_key
+from tlsgate.workers.certs import chain_to_send
+from tlsgate.workers.eventpipe import PipeSource
+from tlsgate.workers.process import WorkerSpec, worker_main
+
+TCP_MIGRATE_REQ = Path("/proc/sys/net/ipv4/tcp_migrate_req")
+
+
+class Supervisor:
+    def __init__(self, config: Config, passphrase: bytes | None, out: TextIO = sys.stderr) -> None:
+        self.config = config
+        self.passphrase = passphrase
+        self.out = out
+        self.mp = multiprocess.get_context("spawn")
+        self.sources: dict[int, PipeSource] = {}
+        self.steering: Any = None
+        self.steering_state = {"state": "kernel-hash", "policy": "hash", "reason": ""}
+        self._migrate_saved: str | None = None
+        self._bound: tuple[str, int] | None = None
+        self.signer_server: Any = None
+
+    def log(self, message: str) -> None:
+        self.out.write(f"tlsgate: {message}\n")
+        self.out.flush()
+
+    # -- setup ---------------------------------------------------------------------------
+    def _load_ca(self) -> None:
+        """Load (or create, on first run) the CA; everything minted so far is dropped."""
+        ca, created = ensure_ca(self.config.state_dir, self.passphrase)
+        self.ca, self.ca_created = ca, created
+        pem = serialization.Encoding.PEM
+        self.chain_pem = b"".join(c.public_bytes(pem) for c in chain_to_send(ca.cert, ca.chain))
+
+    def _start_signer(self) -> None:
+        from tlsgate.supervisor.signer_service import SignerServer
+
+        if self.signer_server is not None:
+            self.signer_server.stop()
+        self.cache.clear()
+        self.signer_server = SignerServer(LeafSigner(self.ca, self.leaf_key), self.cache,
+                                          self.run_dir / "signer.sock")  # fmt: skip
+        self.signer_server.start()
+
+    def run(self) -> int:
+        from tlsgate.workers.certcache import SharedCertificateCache
+
+        config = self.config
+        self._load_ca()  # first: it creates the state directory 0700 on first run
+        self.run_dir = runtime_dir(config.state_dir)
+        self.run_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
+        self.leaf_key = generate_leaf_key()
+        self.leaf_key_pem = self.leaf_key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        self.cache = SharedCertificateCache(self.run_dir / "certcache")
+        self._start_signer()
+        self.hub = EventHub(events_socket_path(config.state_dir), file_path=config.events_file,
+                            gateway_id=f"{socket.gethostname()}:{os.getpid()}")  # fmt: skip
+        self.arbiter = Arbiter(config.workers, self._listener, self._spawn,
+                               self._on_slot_socket, self.log)  # fmt: skip
+        self._set_up_steering()
+        self.control = ControlServer(control_socket_path(config.state_dir), self._control)
+        try:
+            self.hub.start()
+            self.control.start()
+            self.arbiter.install_signals()
+            first = self.arbiter.slots[0].listener
+            banner(config, first.getsockname(), self.ca, self.ca_created, self.out)
+            if self.steering_state["reason"]:
+                self.log(self.steering_state["reason"])
+            self.arbiter.run(on_reload=self._reload, tick=lambda: None)
+        finally:
+            self.control.stop()
+            if self.steering is not None:
+                self.steering.close()
+            self._restore_migrate()
+            if self.signer_server is not None:
+                self.signer_server.stop()
+            self.hub.stop()
+        return 0
+
+    def _set_up_steering(self) -> None:
+        from tlsgate.bpf import steering as bpf_steering
+
+        ok, reason = bpf_steering.availability()
+        if ok:
+            try:
+                self.steering = bpf_steering.Steering.load(len(self.arbiter.slots))
+            except OperatorError as exc:
+                ok, reason = False, str(exc)
+        if not ok:
+            self.steering_state = {
+                "state": "kernel-hash", "policy": "hash",
+                "reason": f"eBPF steering unavailable ({reason}); the kernel's reuseport hash "
+                "steers connections instead",
+            }  # fmt: skip
+            self._enable_migrate()
+            return
+        for slot in self.arbiter.slots:
+            self.steering.set_slot(slot.index, slot.listener)
+        self.steering.attach(self.arbiter.slots[0].listener)
+        self.steering_state = {"state": "ebpf", "policy": "least-loaded", "reason": ""}
+
+    def _enable_migrate(self) -> None:
+        """Without eBPF, let the kernel migrate queued connections of a closed listener."""
+        try:
+            self._migrate_saved = TCP_MIGRATE_REQ.read_text().strip()
+            TCP_MIGRATE_REQ.write_text("1")
+        except OSError:
+            self._migrate_saved = None
+
+    def _restore_migrate(self) -> None:
+        if self._migrate_saved is not None:
+            try:
+                TCP_MIGRATE_REQ.write_text(self._migrate_saved)
+            except OSError:
+                pass  # nothing we can do at exit; the value is harmless
+            self._migrate_saved = None
+
+    def _listener(self, k: int) -> socket.socket:
+        """Listener k of the reuseport group: all on the address the first one got
+        (``--listen ...:0`` picks a free port once)."""
+        if self._bound is None:
+            sock = make_listener(self.config)
+            self._bound = sock.getsockname()[:2]
+            return sock
+        return make_listener(replace(self.config, listen=self._bound))
+
+    def _on_slot_socket(self, slot: Slot) -> None:
+        if self.steering is not None:
+            self.steering.set_slot(slot.index, slot.listener)
+
+    # -- workers ------------------------------------------------------------------------------
+    def _spawn(self, slot: Slot) -> None:
+        mine, theirs = socket.socketpair()
+        source = PipeSource(mine)
+        source.start()
+        self.hub.add_source(source)
+        self.sources[slot.index] = source
+        slot.stats = self.mp.Array("d", len(STATS_FIELDS), lock=False)
+        spec = WorkerSpec(
+            worker_id=slot.index,
+            config=self.config,
+            listener=slot.listener,
+            events=theirs,
+            signer_socket=self.run_dir / "signer.sock",
+            cache_path=self.run_dir / "certcache",
+            leaf_key_pem=self.leaf_key_pem,
+            chain_pem=self.chain_pem,
+            stats=slot.stats,
+            worker_user=None,
+            load_fd=DupFd(self.steering.load_fd) if self.steering is not None else None,
+        )
+        proc = self.mp.Process(
+            target=worker_main, args=(spec,), name=f"tlsgate-worker-{slot.index}"
+        )
+        proc.start()
+        theirs.close()
+        slot.process = proc
+
+    def _reload(self) -> None:
+        self._load_ca()
+        self._start_signer()
+
+    # -- management ----------------------------------------------------------------------------
+    def _control(self, request: dict[str, Any]) -> dict[str, Any]:
+        cmd = request.get("cmd")
+        if cmd == "status":
+            return {"ok": True, "status": self.status()}
+        if cmd in ("reload", "drain"):
+            import threading
+
+            done = threading.Event()
+            box: dict[str, Any] = {}
+
+            def reply(answer: Any) -> None:
+                box["answer"] = answer
+                done.set()
+
+            self.arbiter.requests.put((cmd, request.get("worker"), reply))
+            if not done.wait(120):
+                return {"ok": False, "error": "timed out"}
+            return dict(box["answer"])
+        return {"ok": False, "error": f"unknown command {cmd!r}"}
+
+    def status(self) -> dict[str, Any]:
+        counters = self.steering.counters() if self.steering is not None else None
+        workers = []
+        for slot in self.arbiter.slots:
+            stats = dict(zip(STATS_FIELDS, slot.stats or [0.0] * len(STATS_FIELDS), strict=True))
+            workers.append({
+                "id": slot.index,
+                "pid": slot.process.pid if slot.process is not None else None,
+                "alive": bool(slot.process is not None and slot.process.is_alive()),
+                "active": int(stats["active"]), "accepted": int(stats["accepted"]),
+                "closed": int(stats["closed"]), "refused": int(stats["refused"]),
+                "minted": int(stats["minted"]), "restarts": slot.restarts,
+                "steered": counters["selected"][slot.index] if counters else None,
+                "heartbeat_age": round(time.monotonic() - stats["beat"], 3),
+            })  # fmt: skip
+        host, port = self.arbiter.slots[0].listener.getsockname()[:2]
+        return {
+            "version": __version__,
+            "mode": self.config.mode,
+            "listen": f"{host}:{port}",
+            "started": self.arbiter.started,
+            "reloads": self.arbiter.reloads,
+            "workers": workers,
+            "steering": {**self.steering_state, "counters": counters},
+            "cache": self.cache.stats(),
+            "events": self.hub.stats(),
+            "ca": {"fingerprint_sha256": self.ca.fingerprint_sha256},
+        }
+
+
+def run_supervisor(config: Config, passphrase: bytes | None, out: TextIO = sys.stderr) -> int:
+    return Supervisor(config, passphrase, out).run()
