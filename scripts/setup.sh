@@ -10,12 +10,15 @@ set -euo pipefail
 profile=${1:-run}
 here=$(cd "$(dirname "$0")/.." && pwd)
 venv="$here/.venv"
-python=${TLSGATE_PYTHON:-python3}
+# Debian's interpreter by default: its standard library is readable by every user, which the
+# workers need after they drop root (an interpreter under /root, e.g. pyenv's, is not).
+python=${TLSGATE_PYTHON:-/usr/bin/python3}
 
 say() { printf 'setup: %s\n' "$*" >&2; }
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 
-apt_packages=(python3-bpfcc linux-headers-amd64 nftables iproute2 curl openssl ca-certificates)
+apt_packages=(python3 python3-venv python3-bpfcc linux-headers-amd64 nftables iproute2 curl
+  openssl ca-certificates)
 if [ "$profile" = test ]; then
   # Real peers for the tests: servers, clients and the packet decoder.
   apt_packages+=(nginx-light wrk tshark bpftool)
@@ -49,6 +52,11 @@ if [ ! -e "$kdir/build" ] || [ ! -e "$kdir/source" ]; then
   fi
 fi
 
+want_home=$(dirname "$(readlink -f "$(command -v "$python")")")
+if [ -f "$venv/pyvenv.cfg" ] && ! grep -qx "home = $want_home" "$venv/pyvenv.cfg"; then
+  say "recreating $venv for $python"
+  rm -rf "$venv"
+fi
 if [ ! -x "$venv/bin/python" ]; then
   say "creating virtualenv $venv"
   "$python" -m venv "$venv"

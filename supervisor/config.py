@@ -39,6 +39,8 @@ File layout (every key optional)::
 from __future__ import annotations
 
 import ipaddress
+import os
+import pwd
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -71,7 +73,7 @@ class Config:
 
     listen: tuple[str, int] = DEFAULT_LISTEN
     mode: str = "explicit"
-    workers: int = 1
+    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
     state_dir: Path = field(default_factory=lambda: resolve_state_dir(None))
     upstream_ca_bundle: Path | None = None
     ca_passphrase_file: Path | None = None
@@ -83,6 +85,8 @@ class Config:
     record_headers: tuple[str, ...] = tuple(sorted(DEFAULT_RECORD_HEADERS))
     redact_headers: tuple[str, ...] = tuple(sorted(DEFAULT_REDACT_HEADERS))
     limits: Limits = Limits()
+    #: Workers drop root to this user after receiving their sockets ("" = stay as started).
+    worker_user: str = field(default_factory=lambda: default_worker_user())
 
     def policy(self) -> Policy:
         return Policy(
@@ -91,6 +95,18 @@ class Config:
             block_domains=self.block_domains,
             block_clients=self.block_clients,
         )
+
+
+def default_worker_user() -> str:
+    """``nobody`` when started as root (workers parse hostile bytes: they must not be root),
+    else nothing to drop."""
+    if os.geteuid() != 0:
+        return ""
+    try:
+        pwd.getpwnam("nobody")
+    except KeyError:
+        return ""
+    return "nobody"
 
 
 def parse_listen(value: object, setting: str = "listen") -> tuple[str, int]:
@@ -150,7 +166,7 @@ def _reject_unknown(table: Mapping[str, Any], known: set[str], where: str) -> No
 
 _TOP = {
     "listen", "mode", "workers", "state_dir", "upstream_ca_bundle", "ca_passphrase_file",
-    "events", "policy", "http", "limits",
+    "events", "policy", "http", "limits", "worker_user",
 }  # fmt: skip
 _POLICY = {"bypass_domains", "bypass_clients", "block_domains", "block_clients"}
 _HTTP = {"record_headers", "redact_headers"}
@@ -197,6 +213,18 @@ def build_config(data: Mapping[str, Any], where: str = "the configuration") -> C
         kw["ca_passphrase_file"] = _path(
             data["ca_passphrase_file"], "ca_passphrase_file", must_exist=True
         )
+    if "worker_user" in data:
+        user = data["worker_user"]
+        if not isinstance(user, str):
+            raise ConfigError(f'worker_user must be a user name (or ""), got {user!r}')
+        if user:
+            try:
+                pwd.getpwnam(user)
+            except KeyError:
+                raise ConfigError(
+                    f"worker_user = {user!r}: no such user; create it or choose another"
+                ) from None
+        kw["worker_user"] = user
     events = _table(data, "events", where)
     _reject_unknown(events, {"file"}, f"[events] of {where}")
     if events.get("file") is not None:

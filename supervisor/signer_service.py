@@ -31,11 +31,15 @@ Rules:
   chmod-ed and chown-ed, then hard-linked into place (which fails if the name is taken).
   A stale socket file (nobody listening) is replaced; a live one means another gateway
   is running (:class:`~tlsgate.errors.OperatorError`).
-- :class:`SignerClient` is the workers' side: one persistent connection, requests
-  multiplexed by ``id`` (``async`` :meth:`SignerClient.sign`, usable as the workers'
-  ``Minter``), reconnecting when the signer restarted. A signer that cannot be reached
-  or does not answer within ``timeout`` raises :class:`SignerUnavailable`; a request the
-  signer refuses raises :class:`SignerRejected`.
+- CA rotation: :meth:`SignerServer.rotate` swaps the signer and empties the cache on the
+  service thread between two rounds; connections stay up (workers that dropped root may
+  not be able to reconnect by path).
+- :class:`SignerClient` is the workers' side: one persistent connection (``sock``: one
+  the supervisor connected for it; later ones by path), requests multiplexed by ``id``
+  (``async`` :meth:`SignerClient.sign`, usable as the workers' ``Minter``), re-sent on a
+  new connection when the signer restarted. A signer that cannot be reached or does not
+  answer within ``timeout`` raises :class:`SignerUnavailable`; a request the signer
+  refuses raises :class:`SignerRejected` (checked locally first when possible).
 """
 
 from __future__ import annotations
@@ -56,14 +60,14 @@ from collections import deque
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import msgpack
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from tlsgate.errors import OperatorError, TlsgateError
 from tlsgate.supervisor.signer import MAX_DNS_NAME_CHARS, MAX_LEAF_NAMES, LeafRequest
-from tlsgate.workers.certs import CertificateCache, Signer
+from tlsgate.workers.certs import Signer
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +99,8 @@ LISTEN_BACKLOG: Final = 64
 MAX_ACCEPTS_PER_WAKEUP: Final = 64
 #: Seconds to stop accepting after accept() failed (e.g. out of file descriptors).
 ACCEPT_RETRY_DELAY: Final = 1.0
+#: Seconds between two checks that the service thread is alive while rotate() waits.
+ROTATE_CHECK_INTERVAL: Final = 0.5
 #: Seconds a client waits for an answer (connecting included) before SignerUnavailable.
 DEFAULT_SIGN_TIMEOUT: Final = 5.0
 #: Requests one client has on the wire at once; more wait for a free slot.
@@ -108,6 +114,16 @@ MAX_RESENDS: Final = 2
 _LENGTH: Final = struct.Struct(">I")
 _PEERCRED: Final = struct.Struct("3i")
 _REQUEST_FIELDS: Final = frozenset({"id", "dns_names", "ip_addresses", "not_after", "key"})
+
+
+class SignerCache(Protocol):
+    """What the service needs of the shared cache: its writer's get, put and clear."""
+
+    def get(self, key: bytes) -> bytes | None: ...
+
+    def put(self, key: bytes, der: bytes) -> None: ...
+
+    def clear(self) -> None: ...
 
 
 class SignerUnavailable(TlsgateError):
@@ -133,19 +149,19 @@ class _Invalid(Exception):
         self.request_id = request_id
 
 
-def frame(message: dict[str, Any]) -> bytes:
+def _frame(message: dict[str, Any]) -> bytes:
     """``message`` as one frame: length prefix and msgpack map."""
     body = msgpack.packb(message, use_bin_type=True)
     return _LENGTH.pack(len(body)) + body
 
 
-def encode_request(request_id: int, request: LeafRequest, key: bytes) -> bytes:
+def _encode_request(request_id: int, request: LeafRequest, key: bytes) -> bytes:
     """The frame asking for a leaf; SignerRejected if the signer would refuse its shape."""
     if len(key) != KEY_BYTES:
         raise SignerRejected(f"cache keys are {KEY_BYTES} bytes, not {len(key)}")
     if request.not_after.utcoffset() is None:
         raise SignerRejected(f"not_after must be timezone-aware, got {request.not_after!r}")
-    data = frame(
+    data = _frame(
         {
             "id": request_id,
             "dns_names": list(request.dns_names),
@@ -162,7 +178,7 @@ def encode_request(request_id: int, request: LeafRequest, key: bytes) -> bytes:
     return data
 
 
-def decode_request(body: bytes) -> tuple[int, LeafRequest, bytes]:
+def _decode_request(body: bytes) -> tuple[int, LeafRequest, bytes]:
     """``(id, request, key)`` from a request body; raises _Unanswerable or _Invalid."""
     try:
         message = msgpack.unpackb(body, raw=False, strict_map_key=True)
@@ -201,7 +217,7 @@ def _strings(request_id: int, value: object, field: str, max_chars: int) -> tupl
     return tuple(value)
 
 
-def decode_response(body: bytes) -> tuple[int, bytes | None, str | None]:
+def _decode_response(body: bytes) -> tuple[int, bytes | None, str | None]:
     """``(id, der, error)`` from an answer body (one of der/error is set); ValueError if bad."""
     try:
         message = msgpack.unpackb(body, raw=False, strict_map_key=True)
@@ -230,6 +246,17 @@ class _Request:
         self.request_id = request_id
         self.request = request
         self.key = key
+
+
+class _Rotation:
+    """A rotate() call waiting for the service thread."""
+
+    __slots__ = ("done", "error", "signer")
+
+    def __init__(self, signer: Signer) -> None:
+        self.signer = signer
+        self.done = threading.Event()
+        self.error: Exception | None = None
 
 
 class _Connection:
@@ -276,7 +303,7 @@ class SignerServer:
     def __init__(
         self,
         signer: Signer,
-        cache: CertificateCache,
+        cache: SignerCache,
         socket_path: Path,
         *,
         socket_mode: int = 0o600,
@@ -284,7 +311,8 @@ class SignerServer:
         owner_gid: int | None = None,
         max_connections: int = MAX_CONNECTIONS,
     ) -> None:
-        self.signer: Final = signer
+        #: Who signs (changed only by :meth:`rotate`, between two rounds).
+        self.signer = signer
         self.cache: Final = cache
         self.socket_path: Final = socket_path
         self.socket_mode: Final = socket_mode
@@ -311,6 +339,7 @@ class SignerServer:
         self._wake_w: socket.socket | None = None
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._rotations: deque[_Rotation] = deque()
         self._accept_paused_until = 0.0
         self._cache_failing = False
         self._failure: BaseException | None = None
@@ -341,12 +370,39 @@ class SignerServer:
         if thread is None:
             return
         self._stopping = True
+        self._wake()
+        thread.join()
+
+    def rotate(self, signer: Signer) -> None:
+        """Sign with ``signer`` (a new CA) from now on, and empty the cache.
+
+        Both happen on the service thread between two rounds, so no leaf of the old CA
+        is answered or cached afterwards; workers keep their connections. Returns when
+        done.
+        """
+        if not self.running:
+            self._rotate(signer)
+            return
+        rotation = _Rotation(signer)
+        self._rotations.append(rotation)
+        self._wake()
+        while not rotation.done.wait(ROTATE_CHECK_INTERVAL):
+            if not self.running:  # the thread died (logged): nobody else signs any more
+                self._rotate(signer)
+                return
+        if rotation.error is not None:
+            raise rotation.error
+
+    def _rotate(self, signer: Signer) -> None:
+        self.signer = signer
+        self.cache.clear()
+
+    def _wake(self) -> None:
         if self._wake_w is not None:
             try:
                 self._wake_w.send(b"\0")
             except OSError:
                 pass  # full: a wake-up is pending already; closed: the thread is gone
-        thread.join()
 
     @property
     def running(self) -> bool:
@@ -432,6 +488,14 @@ class SignerServer:
                     timeout = max(0.0, self._accept_paused_until - time.monotonic())
                 for key, mask in selector.select(timeout):
                     key.data(mask)
+                while self._rotations:
+                    rotation = self._rotations.popleft()
+                    try:
+                        self._rotate(rotation.signer)
+                    except Exception as exc:
+                        rotation.error = exc  # raised to the caller of rotate()
+                    finally:
+                        rotation.done.set()
                 if self._accept_paused_until and time.monotonic() >= self._accept_paused_until:
                     self._accept_paused_until = 0.0
                     assert self._listener is not None
@@ -555,7 +619,7 @@ class SignerServer:
                 offset = end
                 taken += 1
                 try:
-                    request_id, request, key = decode_request(body)
+                    request_id, request, key = _decode_request(body)
                 except _Invalid as exc:
                     self.requests += 1
                     self._reject(conn, exc.request_id, f"invalid request: {exc}")
@@ -786,7 +850,7 @@ class _ClientProtocol(asyncio.Protocol):
                 end = offset + _LENGTH.size + length
                 if len(buf) < end:
                     break
-                request_id, der, error = decode_response(bytes(buf[offset + _LENGTH.size : end]))
+                request_id, der, error = _decode_response(bytes(buf[offset + _LENGTH.size : end]))
                 offset = end
                 future = self.pending.pop(request_id, None)
                 if future is None or future.done():
@@ -817,9 +881,17 @@ class SignerClient:
     leaf for ``request`` that the signer also stored under ``key`` in the shared cache.
     """
 
-    def __init__(self, socket_path: Path, *, timeout: float = DEFAULT_SIGN_TIMEOUT) -> None:
+    def __init__(
+        self,
+        socket_path: Path,
+        *,
+        sock: socket.socket | None = None,
+        timeout: float = DEFAULT_SIGN_TIMEOUT,
+    ) -> None:
         self.socket_path: Final = socket_path
         self.timeout: Final = timeout
+        #: A connection made for us (by the supervisor, before we dropped root), used first.
+        self._handed = sock
         self._ids = itertools.count(1)
         self._protocol: _ClientProtocol | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -828,15 +900,16 @@ class SignerClient:
         self._last_error = "no answer yet"
         self._blocking: socket.socket | None = None
         self._blocking_lock = threading.Lock()
+        self._closed = False
 
     async def sign(self, request: LeafRequest, key: bytes) -> bytes:
         """DER of a leaf for ``request``; SignerUnavailable, SignerRejected."""
         loop = asyncio.get_running_loop()
         if loop is not self._loop:
             self._bind(loop)
-        assert self._slots is not None
+        assert self._slots is not None and self._connect_lock is not None
         request_id = next(self._ids)
-        data = encode_request(request_id, request, key)  # refused here, before any I/O
+        data = _encode_request(request_id, request, key)  # refused here, before any I/O
         try:
             async with asyncio.timeout(self.timeout), self._slots:
                 for _ in range(MAX_RESENDS + 1):
@@ -862,10 +935,10 @@ class SignerClient:
         )
 
     def _bind(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Start over on ``loop``: a connection and its primitives belong to one loop."""
-        if self._protocol is not None and self._protocol.transport is not None:
-            self._protocol.transport.abort()
-        self._protocol = None
+        if self._loop is not None:
+            raise RuntimeError(
+                "a SignerClient belongs to the event loop it first signed on; make one per loop"
+            )
         self._loop = loop
         self._connect_lock = asyncio.Lock()
         self._slots = asyncio.Semaphore(MAX_IN_FLIGHT)
@@ -878,15 +951,23 @@ class SignerClient:
         protocol = self._protocol
         if protocol is not None and not protocol.lost:
             return protocol
+        if self._closed:
+            raise SignerUnavailable("this signer client was closed")
         assert self._connect_lock is not None
         async with self._connect_lock:
             protocol = self._protocol
             if protocol is not None and not protocol.lost:
                 return protocol  # another caller connected while this one waited
+            loop = asyncio.get_running_loop()
+            handed, self._handed = self._handed, None
+            if handed is not None:
+                _, protocol = await loop.create_unix_connection(_ClientProtocol, sock=handed)
+                self._protocol = protocol
+                return protocol
             delay = CONNECT_RETRY_INITIAL
             while True:
                 try:
-                    _, protocol = await asyncio.get_running_loop().create_unix_connection(
+                    _, protocol = await loop.create_unix_connection(
                         _ClientProtocol, str(self.socket_path)
                     )
                 except PermissionError as exc:
@@ -905,10 +986,14 @@ class SignerClient:
                 return protocol
 
     def close(self) -> None:
-        """Close the connections (pending :meth:`sign` calls re-send, then time out)."""
+        """Close the connections for good (pending :meth:`sign` calls raise SignerUnavailable)."""
+        self._closed = True
         if self._protocol is not None and self._protocol.transport is not None:
             self._protocol.transport.close()
         self._protocol = None
+        if self._handed is not None:
+            self._handed.close()
+            self._handed = None
         with self._blocking_lock:
             if self._blocking is not None:
                 self._blocking.close()
@@ -921,12 +1006,12 @@ class SignerClient:
         with self._blocking_lock:
             for attempt in range(MAX_RESENDS + 1):
                 request_id = next(self._ids)
-                data = encode_request(request_id, request, key)
+                data = _encode_request(request_id, request, key)
                 try:
                     sock = self._blocking_socket()
                     sock.sendall(data)
                     while True:
-                        answer_id, der, error = decode_response(_recv_frame(sock))
+                        answer_id, der, error = _decode_response(_recv_frame(sock))
                         if answer_id == request_id:
                             break
                 except (OSError, EOFError) as exc:
@@ -945,14 +1030,19 @@ class SignerClient:
         raise AssertionError("unreachable")
 
     def _blocking_socket(self) -> socket.socket:
+        if self._closed:
+            raise SignerUnavailable("this signer client was closed")
         if self._blocking is None:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock, self._handed = self._handed, None
+            if sock is None:
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                try:
+                    sock.settimeout(self.timeout)
+                    sock.connect(str(self.socket_path))
+                except OSError:
+                    sock.close()
+                    raise
             sock.settimeout(self.timeout)
-            try:
-                sock.connect(str(self.socket_path))
-            except OSError:
-                sock.close()
-                raise
             self._blocking = sock
         return self._blocking
 

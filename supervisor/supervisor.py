@@ -10,7 +10,9 @@ path and the cache path — never the CA key, and they drop root.
 from __future__ import annotations
 
 import os
+import pwd
 import socket
+import subprocess
 import sys
 import time
 from dataclasses import replace
@@ -29,7 +31,7 @@ from tlsgate.supervisor.ca import ensure_ca
 from tlsgate.supervisor.config import Config
 from tlsgate.supervisor.control import ControlServer
 from tlsgate.supervisor.eventhub import EventHub
-from tlsgate.supervisor.gateway import banner, make_listener
+from tlsgate.supervisor.listeners import banner, make_listener
 from tlsgate.supervisor.signer import LeafSigner, generate_leaf_key
 from tlsgate.workers.certs import chain_to_send
 from tlsgate.workers.eventpipe import PipeSource
@@ -92,6 +94,7 @@ class Supervisor:
                             gateway_id=f"{socket.gethostname()}:{os.getpid()}")  # fmt: skip
         self.arbiter = Arbiter(config.workers, self._listener, self._spawn,
                                self._on_slot_socket, self.log)  # fmt: skip
+        self._check_worker_user()
         self._set_up_steering()
         self.control = ControlServer(control_socket_path(config.state_dir), self._control)
         try:
@@ -112,6 +115,26 @@ class Supervisor:
                 self.signer_server.stop()
             self.hub.stop()
         return 0
+
+    def _check_worker_user(self) -> None:
+        """Fail at startup, not in a respawn loop, if workers could not run as their user."""
+        user = self.config.worker_user
+        if not user or os.geteuid() != 0:
+            return
+        entry = pwd.getpwnam(user)
+        try:
+            subprocess.run(
+                [sys.executable, "-c", "import tlsgate.workers.worker"],
+                user=entry.pw_uid, group=entry.pw_gid, extra_groups=[], cwd="/",
+                capture_output=True, check=True, timeout=60,
+            )  # fmt: skip
+        except subprocess.CalledProcessError as exc:
+            last = (exc.stderr or b"").decode(errors="replace").strip().splitlines()[-1:]
+            raise OperatorError(
+                f"workers cannot run as user {user!r} ({' '.join(last) or 'unknown error'}): "
+                f"install tlsgate and its Python where {user!r} can read them (`make run` "
+                "does), or choose another user with --worker-user"
+            ) from None
 
     def _set_up_steering(self) -> None:
         from tlsgate.bpf import steering as bpf_steering
@@ -178,11 +201,12 @@ class Supervisor:
             listener=slot.listener,
             events=theirs,
             signer_socket=self.run_dir / "signer.sock",
+            signer=self._signer_connection(),
             cache_path=self.run_dir / "certcache",
             leaf_key_pem=self.leaf_key_pem,
             chain_pem=self.chain_pem,
             stats=slot.stats,
-            worker_user=None,
+            worker_user=self.config.worker_user,
             load_fd=DupFd(self.steering.load_fd) if self.steering is not None else None,
         )
         proc = self.mp.Process(
@@ -190,7 +214,13 @@ class Supervisor:
         )
         proc.start()
         theirs.close()
+        spec.signer.close()
         slot.process = proc
+
+    def _signer_connection(self) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(str(self.run_dir / "signer.sock"))
+        return sock
 
     def _reload(self) -> None:
         self._load_ca()

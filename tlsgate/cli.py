@@ -19,7 +19,6 @@ from tlsgate.errors import OperatorError
 def _run(args: argparse.Namespace) -> int:
     from tlsgate.supervisor.ca_commands import passphrase_from_args, read_passphrase_file
     from tlsgate.supervisor.config import load_config
-    from tlsgate.supervisor.gateway import run_gateway
 
     overrides = {
         "listen": args.listen,
@@ -29,6 +28,7 @@ def _run(args: argparse.Namespace) -> int:
         "upstream_ca_bundle": args.upstream_ca_bundle,
         "ca_passphrase_file": args.ca_passphrase_file,
         "events.file": args.events_file,
+        "worker_user": args.worker_user,
     }
     if args.bypass:
         overrides["policy.bypass_domains"] = args.bypass
@@ -38,11 +38,9 @@ def _run(args: argparse.Namespace) -> int:
     passphrase = passphrase_from_args(args, "ca-passphrase")
     if passphrase is None and config.ca_passphrase_file is not None:
         passphrase = read_passphrase_file(config.ca_passphrase_file, "ca_passphrase_file")
-    if config.workers > 1:
-        from tlsgate.supervisor.supervisor import run_supervisor
+    from tlsgate.supervisor.supervisor import run_supervisor
 
-        return run_supervisor(config, passphrase)
-    return run_gateway(config, passphrase)
+    return run_supervisor(config, passphrase)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,6 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--events-file", metavar="FILE", help="also append every event (msgpack stream) to FILE"
+    )
+    run.add_argument(
+        "--worker-user",
+        metavar="USER",
+        help="user the workers run as (default: nobody when started as root)",
     )
     run.add_argument(
         "--bypass",

@@ -37,6 +37,7 @@ class WorkerSpec:
     listener: socket.socket
     events: socket.socket
     signer_socket: Path
+    signer: socket.socket  # connected to the signer by the supervisor (path is root-only)
     cache_path: Path
     leaf_key_pem: bytes
     chain_pem: bytes
@@ -84,25 +85,30 @@ def _boot(spec: WorkerSpec):  # type: ignore[no-untyped-def]
     config = spec.config
     assert isinstance(config, Config)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides; Ctrl-C goes to it
-    drop_privileges(spec.worker_user)
     key = serialization.load_pem_private_key(spec.leaf_key_pem, None)
     assert isinstance(key, ec.EllipticCurvePrivateKey)
     chain = x509.load_pem_x509_certificates(spec.chain_pem) if spec.chain_pem else []
+    # Everything that needs a path under the root-only state directory is opened now, as
+    # root: the cache file, the trust store, the signer connection (handed over by the
+    # supervisor). Then root is dropped for good.
     cache = SharedCertificateCache.open_reader(spec.cache_path)
     validator = UpstreamValidator(
         ca_bundle=str(config.upstream_ca_bundle) if config.upstream_ca_bundle else None
     )
-    contexts = ClientContexts(SignerClient(spec.signer_socket), key, chain, cache)
+    signer = SignerClient(spec.signer_socket, sock=spec.signer)
+    load_fd = spec.load_fd.detach() if spec.load_fd is not None else None  # type: ignore[attr-defined]
+    from tlsgate.bpf.steering import LoadPublisher  # imported as root, like everything above
+
+    drop_privileges(spec.worker_user or None)
+    contexts = ClientContexts(signer, key, chain, cache)
     queue = EventQueue()
     emitter = EventEmitter(spec.worker_id, queue)
     forwarder = PipeForwarder(queue, spec.events)
     worker = Worker(spec.worker_id, config, spec.listener, validator=validator,
                     client_contexts=contexts, emitter=emitter)  # fmt: skip
-    if spec.load_fd is not None:
-        from tlsgate.bpf.steering import LoadPublisher
-
+    if load_fd is not None:
         # a DupFd: the BPF map fd is close-on-exec, so spawn hands it over explicitly
-        worker.load_publisher = LoadPublisher(spec.load_fd.detach(), spec.worker_id)  # type: ignore[attr-defined]
+        worker.load_publisher = LoadPublisher(load_fd, spec.worker_id)
 
     def run() -> int:
         forwarder.start()

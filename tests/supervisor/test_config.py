@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ def test_defaults_are_the_safe_explicit_proxy_on_loopback() -> None:
     config = build_config({})
     assert config.listen == ("127.0.0.1", 8080)
     assert config.mode == "explicit"
-    assert config.workers == 1
+    assert config.workers == (os.cpu_count() or 1)  # one worker per core
     assert "authorization" in config.redact_headers and "cookie" in config.redact_headers
 
 

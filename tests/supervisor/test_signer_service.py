@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import pwd
+import selectors
 import shutil
 import socket
 import stat
@@ -208,6 +209,9 @@ class ForgetfulCache:
     def put(self, key: bytes, der: bytes) -> None:
         self.stored.append(key)
 
+    def clear(self) -> None:
+        self.stored.clear()
+
 
 def test_requests_for_one_key_read_together_cost_one_signature_without_any_cache(
     signer: LeafSigner, socket_path: Path
@@ -384,7 +388,7 @@ def test_a_peer_that_never_reads_its_answers_stops_being_read_and_others_are_ser
         try:
             sent += wire.sock.send(flood[sent : sent + 65536])
         except BlockingIOError:
-            if server.stats()["requests"] * answer_size > MAX_OUTPUT_BYTES:
+            if not any(c.interest & selectors.EVENT_READ for c in server._connections.values()):
                 break  # the service stopped reading us; our socket buffer is full
             time.sleep(0.001)
     assert sent < len(flood), "the service kept reading a peer that does not read"
@@ -474,6 +478,51 @@ def test_the_client_reconnects_when_the_signer_restarts(
 
     der1, der2 = asyncio.run(asyncio.wait_for(main(), IO_TIMEOUT))
     assert (san_dns_names(der1), san_dns_names(der2)) == (["one.example"], ["two.example"])
+
+
+def test_a_client_uses_the_connection_the_supervisor_made_for_it_first(
+    server: SignerServer, socket_path: Path, tmp_path: Path
+) -> None:
+    handed = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    handed.connect(str(socket_path))
+
+    async def main() -> bytes:
+        # The path is one the worker cannot reach: only the handed connection works.
+        client = SignerClient(tmp_path / "unreachable.sock", sock=handed, timeout=IO_TIMEOUT)
+        try:
+            req = leaf_request("handed.example")
+            return await client.sign(req, cache_key(req, FINGERPRINT))
+        finally:
+            client.close()
+
+    assert san_dns_names(asyncio.run(main())) == ["handed.example"]
+
+
+def test_rotate_signs_with_the_new_ca_empties_the_cache_and_keeps_connections(
+    server: SignerServer,
+    cache: SharedCertificateCache,
+    socket_path: Path,
+    ca: LoadedCA,
+    tmp_path: Path,
+) -> None:
+    wire = Wire(socket_path)
+    message = wire_request(1, "rotated.example")
+    wire.send(message)
+    before = wire.receive()
+    assert before is not None
+    x509.load_der_x509_certificate(before["der"]).verify_directly_issued_by(ca.cert)
+    assert cache.get(message["key"]) == before["der"]
+    new_ca = init_ca(tmp_path / "new-state", "ecdsa-p256")
+    new_signer = LeafSigner(new_ca, generate_leaf_key())
+    server.rotate(new_signer)
+    assert cache.get(message["key"]) is None
+    wire.send({**message, "id": 2})
+    after = wire.receive()
+    wire.close()
+    assert after is not None and after["id"] == 2
+    x509.load_der_x509_certificate(after["der"]).verify_directly_issued_by(new_ca.cert)
+    assert new_signer.signatures == 1
+    assert server.stats()["dropped"] == 0
 
 
 # -- the socket -------------------------------------------------------------------------------

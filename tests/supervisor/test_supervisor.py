@@ -126,3 +126,28 @@ def test_status_is_served_on_a_root_only_control_socket(
         assert (sock.stat().st_mode & 0o777) == 0o600
         human = tlsgate("status", "--state-dir", str(gw.state_dir))
         assert human.returncode == 0 and "worker" in human.stdout
+
+
+def test_a_worker_runs_unprivileged_and_cannot_open_the_ca_key(
+    tmp_path: Path, pki: dict[str, Path]
+) -> None:
+    with Gateway(tmp_path, upstream_ca=pki["ca"], args=["--workers", "1"]) as gw:
+        st = wait_workers_ready(gw, 1)
+        pid = st["workers"][0]["pid"]
+        uid_line = next(
+            line for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+            if line.startswith("Uid:")
+        )  # fmt: skip
+        uids = {int(u) for u in uid_line.split()[1:]}
+        assert 0 not in uids  # real, effective, saved and filesystem uid all dropped
+        uid = uids.pop()
+        key = tmp_path / "ca" / "key.pem"
+        probe = subprocess.run(
+            [sys.executable, "-c", f"open({str(key)!r}, 'rb')"],
+            user=uid, extra_groups=[], capture_output=True,
+            text=True, timeout=30,
+        )  # fmt: skip
+        assert probe.returncode != 0 and "PermissionError" in probe.stderr
+        # the worker's own view: its open files never include the key
+        fds = [os.readlink(p) for p in Path(f"/proc/{pid}/fd").iterdir()]
+        assert str(key) not in fds

@@ -261,19 +261,19 @@ def test_a_forked_child_gets_no_usable_inherited_cache_and_the_parent_is_unharme
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: report, never return into pytest
-        report = []
+        lines = []
         try:
             os.close(read_end)
             try:
                 writer.get(key(1))
             except RuntimeError as exc:
-                report.append("inherited refused" if "through fork" in str(exc) else repr(exc))
+                lines.append("inherited refused" if "through fork" in str(exc) else repr(exc))
             with SharedCertificateCache.open_reader(cache_path) as own:
-                report.append("own reads" if own.get(key(1)) == der(1) else "own misses")
+                lines.append("own reads" if own.get(key(1)) == der(1) else "own misses")
         except BaseException as exc:
-            report.append(repr(exc))
+            lines.append(repr(exc))
         finally:
-            os.write(write_end, ";".join(report).encode())
+            os.write(write_end, ";".join(lines).encode())
             os._exit(0)
     os.close(write_end)
     with os.fdopen(read_end, "rb") as pipe:

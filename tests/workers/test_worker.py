@@ -44,7 +44,8 @@ def origin(pki: dict[str, Path]) -> Iterator[Origin]:
 def gateway(tmp_path: Path, pki: dict[str, Path]) -> Iterator[Gateway]:
     config = tmp_path / "tlsgate.toml"
     config.write_text(LIMITS)
-    with Gateway(tmp_path / "state", upstream_ca=pki["ca"], args=["--config", str(config)]) as gw:
+    args = ["--config", str(config), "--workers", "1"]  # the limits are per worker
+    with Gateway(tmp_path / "state", upstream_ca=pki["ca"], args=args) as gw:
         yield gw
 
 

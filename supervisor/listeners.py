@@ -1,0 +1,75 @@
+"""Where the gateway meets the network and the operator: its listening sockets and its
+startup banner (used by :mod:`tlsgate.supervisor.supervisor`)."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from typing import TextIO
+
+from tlsgate import __version__
+from tlsgate.errors import OperatorError
+from tlsgate.paths import events_socket_path
+from tlsgate.supervisor.ca import LoadedCA
+from tlsgate.supervisor.config import Config
+
+DRAIN_SECONDS = 10.0
+LISTEN_BACKLOG = 4096
+
+
+class ListenError(OperatorError):
+    """The listening socket could not be created."""
+
+
+def make_listener(config: Config) -> socket.socket:
+    """A listening socket on the configured address, ready to share with SO_REUSEPORT."""
+    host, port = config.listen
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if config.mode == "transparent":
+            try:
+                sock.setsockopt(socket.SOL_IP, socket.IP_TRANSPARENT, 1)
+            except PermissionError:
+                pass  # REDIRECT rules work without it; TPROXY needs CAP_NET_ADMIN
+        sock.bind((host, port))
+        sock.listen(LISTEN_BACKLOG)
+    except OSError as exc:
+        sock.close()
+        raise ListenError(
+            f"cannot listen on {host}:{port}: {exc.strerror}; choose another address with "
+            "--listen ADDR:PORT or stop whatever is using it"
+        ) from None
+    sock.setblocking(False)
+    return sock
+
+
+def banner(
+    config: Config, listen: tuple[str, int], ca: LoadedCA, created: bool, out: TextIO
+) -> None:
+    host, port = listen[:2]
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    cert = ca.cert_path
+    sock = events_socket_path(config.state_dir)
+    state = (
+        f" --state-dir {config.state_dir}" if config.state_dir != Path("/var/lib/tlsgate") else ""
+    )
+    lines = [
+        f"tlsgate {__version__}: {config.mode} proxy listening on {where} "
+        f"({config.workers} worker{'s' if config.workers != 1 else ''})",
+        f"CA certificate: {cert} ({'created now' if created else 'loaded'}; "
+        f"SHA-256 {ca.fingerprint_sha256})",
+        f"  trust it on a client:  cp {cert} /usr/local/share/ca-certificates/tlsgate.crt "
+        "&& update-ca-certificates",
+        f"  or per command:        curl --proxy http://{where} --cacert {cert} https://example.com/"
+        if config.mode == "explicit"
+        else f"  or per command:        curl --cacert {cert} https://example.com/",
+        f"  export it:             tlsgate ca export{state} > tlsgate-ca.pem",
+        f"Events: tlsgate events{state}   (detection socket {sock})",
+    ]
+    if config.events_file:
+        lines.append(f"Events are also appended to {config.events_file}")
+    out.write("\n".join(lines) + "\n")
+    out.flush()
