@@ -29,7 +29,7 @@ from tlsgate.errors import OperatorError
 BOOT_WINDOW = 2.0
 MAX_BOOT_FAILURES = 5
 HEARTBEAT_TIMEOUT = 10.0
-DRAIN_DEADLINE = 30.0
+DRAIN_GRACE = 5.0  # beyond the workers' own drain_timeout, then SIGKILL
 MAX_BACKOFF = 10.0
 STATS_FIELDS = ("beat", "accepted", "active", "closed", "refused", "protocol_errors",
                 "over_limit", "minted")  # fmt: skip
@@ -60,12 +60,14 @@ class Arbiter:
     def __init__(
         self,
         n_workers: int,
+        drain_timeout: float,
         make_listener: Callable[[int], Any],
         spawn: Callable[[Slot], None],
         on_slot_socket: Callable[[Slot], None],
         log: Callable[[str], None],
     ) -> None:
         self.slots = [Slot(k, make_listener(k)) for k in range(n_workers)]
+        self.drain_deadline = drain_timeout + DRAIN_GRACE
         self._make_listener = make_listener
         self._spawn = spawn
         self._on_slot_socket = on_slot_socket
@@ -214,7 +216,7 @@ class Arbiter:
         for proc in procs:
             if proc.is_alive():
                 os.kill(proc.pid, signal.SIGTERM)
-        end = time.monotonic() + DRAIN_DEADLINE
+        end = time.monotonic() + self.drain_deadline
         for proc in procs:
             proc.join(max(0.0, end - time.monotonic()))
             if proc.is_alive():

@@ -30,10 +30,15 @@ File layout (every key optional)::
     redact_headers = ["authorization", "cookie"]
 
     [limits]
-    max_connections = 10000
+    max_connections = 10000           # per worker
     handshake_timeout = 10.0
     connect_timeout = 10.0
     idle_timeout = 300.0
+    drain_timeout = 25.0
+
+    steering = "auto"                 # or "ebpf" (required), "kernel" (never eBPF)
+    steering_policy = "least-loaded"  # or "hash"
+    worker_user = "nobody"            # default when started as root
 """
 
 from __future__ import annotations
@@ -65,6 +70,8 @@ class Limits:
     handshake_timeout: float = 10.0
     connect_timeout: float = 10.0
     idle_timeout: float = 300.0
+    #: On SIGTERM or when a worker is replaced: how long in-flight connections may finish.
+    drain_timeout: float = 25.0
 
 
 @dataclass(frozen=True)
@@ -85,6 +92,10 @@ class Config:
     record_headers: tuple[str, ...] = tuple(sorted(DEFAULT_RECORD_HEADERS))
     redact_headers: tuple[str, ...] = tuple(sorted(DEFAULT_REDACT_HEADERS))
     limits: Limits = Limits()
+    #: "auto": eBPF if possible, else the kernel's reuseport hash (one warning line);
+    #: "ebpf": eBPF or refuse to start; "kernel": never load eBPF.
+    steering: str = "auto"
+    steering_policy: str = "least-loaded"
     #: Workers drop root to this user after receiving their sockets ("" = stay as started).
     worker_user: str = field(default_factory=lambda: default_worker_user())
 
@@ -166,11 +177,15 @@ def _reject_unknown(table: Mapping[str, Any], known: set[str], where: str) -> No
 
 _TOP = {
     "listen", "mode", "workers", "state_dir", "upstream_ca_bundle", "ca_passphrase_file",
-    "events", "policy", "http", "limits", "worker_user",
+    "events", "policy", "http", "limits", "worker_user", "steering", "steering_policy",
 }  # fmt: skip
 _POLICY = {"bypass_domains", "bypass_clients", "block_domains", "block_clients"}
 _HTTP = {"record_headers", "redact_headers"}
-_LIMITS = {"max_connections", "handshake_timeout", "connect_timeout", "idle_timeout"}
+_LIMITS = {
+    "max_connections", "handshake_timeout", "connect_timeout", "idle_timeout", "drain_timeout",
+}  # fmt: skip
+STEERING = ("auto", "ebpf", "kernel")
+STEERING_POLICIES = ("least-loaded", "hash")
 
 
 def load_file(path: Path) -> dict[str, Any]:
@@ -213,6 +228,11 @@ def build_config(data: Mapping[str, Any], where: str = "the configuration") -> C
         kw["ca_passphrase_file"] = _path(
             data["ca_passphrase_file"], "ca_passphrase_file", must_exist=True
         )
+    for key, choices in (("steering", STEERING), ("steering_policy", STEERING_POLICIES)):
+        if key in data:
+            if data[key] not in choices:
+                raise ConfigError(f"{key} = {data[key]!r}; choose one of: {', '.join(choices)}")
+            kw[key] = data[key]
     if "worker_user" in data:
         user = data["worker_user"]
         if not isinstance(user, str):
@@ -244,7 +264,7 @@ def build_config(data: Mapping[str, Any], where: str = "the configuration") -> C
     lim: dict[str, Any] = {}
     if "max_connections" in limits:
         lim["max_connections"] = _positive(limits["max_connections"], "limits.max_connections", int)
-    for key in ("handshake_timeout", "connect_timeout", "idle_timeout"):
+    for key in ("handshake_timeout", "connect_timeout", "idle_timeout", "drain_timeout"):
         if key in limits:
             lim[key] = _positive(limits[key], f"limits.{key}", float)
     if lim:

@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, TextIO
@@ -41,8 +42,15 @@ TCP_MIGRATE_REQ = Path("/proc/sys/net/ipv4/tcp_migrate_req")
 
 
 class Supervisor:
-    def __init__(self, config: Config, passphrase: bytes | None, out: TextIO = sys.stderr) -> None:
+    def __init__(
+        self,
+        config: Config,
+        passphrase: bytes | None,
+        out: TextIO = sys.stderr,
+        reload_config: Callable[[], Config] | None = None,
+    ) -> None:
         self.config = config
+        self._reload_config = reload_config
         self.passphrase = passphrase
         self.out = out
         self.mp = multiprocess.get_context("spawn")
@@ -92,8 +100,14 @@ class Supervisor:
         self._start_signer()
         self.hub = EventHub(events_socket_path(config.state_dir), file_path=config.events_file,
                             gateway_id=f"{socket.gethostname()}:{os.getpid()}")  # fmt: skip
-        self.arbiter = Arbiter(config.workers, self._listener, self._spawn,
-                               self._on_slot_socket, self.log)  # fmt: skip
+        self.arbiter = Arbiter(
+            config.workers,
+            config.limits.drain_timeout,
+            self._listener,
+            self._spawn,
+            self._on_slot_socket,
+            self.log,
+        )
         self._check_worker_user()
         self._set_up_steering()
         self.control = ControlServer(control_socket_path(config.state_dir), self._control)
@@ -139,24 +153,30 @@ class Supervisor:
     def _set_up_steering(self) -> None:
         from tlsgate.bpf import steering as bpf_steering
 
-        ok, reason = bpf_steering.availability()
+        mode, policy = self.config.steering, self.config.steering_policy
+        if mode == "kernel":
+            ok, reason = False, "disabled by --steering kernel"
+        else:
+            ok, reason = bpf_steering.availability()
         if ok:
             try:
-                self.steering = bpf_steering.Steering.load(len(self.arbiter.slots))
+                self.steering = bpf_steering.Steering.load(len(self.arbiter.slots), policy)
             except OperatorError as exc:
                 ok, reason = False, str(exc)
         if not ok:
+            if mode == "ebpf":
+                raise OperatorError(f"--steering ebpf: eBPF steering is unavailable: {reason}")
             self.steering_state = {
-                "state": "kernel-hash", "policy": "hash",
-                "reason": f"eBPF steering unavailable ({reason}); the kernel's reuseport hash "
-                "steers connections instead",
+                "state": "kernel-hash", "policy": "kernel-hash",
+                "reason": f"warning: eBPF steering unavailable ({reason}); the kernel's "
+                "reuseport hash steers connections instead",
             }  # fmt: skip
             self._enable_migrate()
             return
         for slot in self.arbiter.slots:
             self.steering.set_slot(slot.index, slot.listener)
         self.steering.attach(self.arbiter.slots[0].listener)
-        self.steering_state = {"state": "ebpf", "policy": "least-loaded", "reason": ""}
+        self.steering_state = {"state": "ebpf", "policy": policy, "reason": ""}
 
     def _enable_migrate(self) -> None:
         """Without eBPF, let the kernel migrate queued connections of a closed listener."""
@@ -223,6 +243,16 @@ class Supervisor:
         return sock
 
     def _reload(self) -> None:
+        """New configuration and CA; the arbiter then replaces the workers one at a time."""
+        if self._reload_config is not None:
+            new = self._reload_config()  # a bad file raises: the running workers stay
+            fixed = ("listen", "mode", "workers", "state_dir", "steering", "steering_policy")
+            changed = [k for k in fixed if getattr(new, k) != getattr(self.config, k)]
+            if changed:
+                self.log(f"reload: {', '.join(changed)} cannot change while running; "
+                         "restart the gateway for that (other settings apply now)")  # fmt: skip
+                new = replace(new, **{k: getattr(self.config, k) for k in changed})
+            self.config = new
         self._load_ca()
         self._start_signer()
 
@@ -231,6 +261,8 @@ class Supervisor:
         cmd = request.get("cmd")
         if cmd == "status":
             return {"ok": True, "status": self.status()}
+        if cmd == "metrics":
+            return {"ok": True, "text": prometheus_text(self.status())}
         if cmd in ("reload", "drain"):
             import threading
 
@@ -277,5 +309,49 @@ class Supervisor:
         }
 
 
-def run_supervisor(config: Config, passphrase: bytes | None, out: TextIO = sys.stderr) -> int:
-    return Supervisor(config, passphrase, out).run()
+def prometheus_text(status: dict[str, Any]) -> str:
+    """Status as Prometheus text exposition (version 0.0.4)."""
+    out: list[str] = []
+
+    def metric(name: str, kind: str, help_: str, samples: list[tuple[str, float]]) -> None:
+        out.append(f"# HELP tlsgate_{name} {help_}")
+        out.append(f"# TYPE tlsgate_{name} {kind}")
+        out.extend(f"tlsgate_{name}{labels} {value:g}" for labels, value in samples)
+
+    workers = status["workers"]
+    per_worker = [(f'{{worker="{w["id"]}"}}', w) for w in workers]
+    metric("connections_active", "gauge", "Open client connections.",
+           [(lbl, w["active"]) for lbl, w in per_worker])  # fmt: skip
+    metric("connections_accepted_total", "counter", "Client connections accepted.",
+           [(lbl, w["accepted"]) for lbl, w in per_worker])  # fmt: skip
+    metric("upstream_refused_total", "counter", "Upstreams refused by validation.",
+           [(lbl, w["refused"]) for lbl, w in per_worker])  # fmt: skip
+    metric("certificates_minted_total", "counter", "Leaf certificates minted.",
+           [(lbl, w["minted"]) for lbl, w in per_worker])  # fmt: skip
+    metric("worker_restarts_total", "counter", "Worker restarts.",
+           [(lbl, w["restarts"]) for lbl, w in per_worker])  # fmt: skip
+    if workers and workers[0].get("steered") is not None:
+        metric("steered_total", "counter", "New connections the eBPF program sent to a worker.",
+               [(lbl, w["steered"]) for lbl, w in per_worker])  # fmt: skip
+    metric("steering_ebpf", "gauge", "1 when eBPF steering is active, 0 on the kernel hash.",
+           [("", 1.0 if status["steering"]["state"] == "ebpf" else 0.0)])  # fmt: skip
+    cache = status["cache"]
+    metric("cert_cache_entries", "gauge", "Certificates in the shared cache.",
+           [("", cache.get("size", 0))])  # fmt: skip
+    events = status["events"]
+    metric("events_produced_total", "counter", "Events received from workers.",
+           [("", events.get("produced", 0))])  # fmt: skip
+    metric("events_dropped_total", "counter", "Events dropped, by stage.",
+           [(f'{{stage="{k}"}}', v) for k, v in events.get("dropped", {}).items()])  # fmt: skip
+    metric("event_subscribers", "gauge", "Detection socket subscribers.",
+           [("", events.get("subscribers", 0))])  # fmt: skip
+    return "\n".join(out) + "\n"
+
+
+def run_supervisor(
+    config: Config,
+    passphrase: bytes | None,
+    reload_config: Callable[[], Config] | None = None,
+    out: TextIO = sys.stderr,
+) -> int:
+    return Supervisor(config, passphrase, out, reload_config).run()

@@ -59,8 +59,10 @@ class Gateway:
         args: Sequence[str] = (),
         listen: str = "127.0.0.1:0",
         netns: str | None = None,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.state_dir = state_dir
+        self.extra_env = env or {}
         self.events_file = state_dir / "events.msgpack"
         argv = [sys.executable, "-m", "tlsgate", "run", "--state-dir", str(state_dir),
                 "--listen", listen, "--events-file", str(self.events_file), *args]  # fmt: skip
@@ -86,7 +88,7 @@ class Gateway:
 
     def __enter__(self) -> Gateway:
         # deprecations in the gateway's own code paths fail the test that reaches them
-        env = {**os.environ, "PYTHONWARNINGS": "error::DeprecationWarning"}
+        env = {**os.environ, "PYTHONWARNINGS": "error::DeprecationWarning", **self.extra_env}
         self.proc = subprocess.Popen(
             self.argv,
             stderr=subprocess.PIPE,

@@ -18,7 +18,7 @@ from tlsgate.errors import OperatorError
 
 def _run(args: argparse.Namespace) -> int:
     from tlsgate.supervisor.ca_commands import passphrase_from_args, read_passphrase_file
-    from tlsgate.supervisor.config import load_config
+    from tlsgate.supervisor.config import Config, load_config
 
     overrides = {
         "listen": args.listen,
@@ -29,18 +29,25 @@ def _run(args: argparse.Namespace) -> int:
         "ca_passphrase_file": args.ca_passphrase_file,
         "events.file": args.events_file,
         "worker_user": args.worker_user,
+        "steering": args.steering,
+        "steering_policy": args.steering_policy,
     }
     if args.bypass:
         overrides["policy.bypass_domains"] = args.bypass
     if args.block:
         overrides["policy.block_domains"] = args.block
-    config = load_config(Path(args.config) if args.config else None, overrides)
+    config_path = Path(args.config) if args.config else None
+    config = load_config(config_path, overrides)
     passphrase = passphrase_from_args(args, "ca-passphrase")
     if passphrase is None and config.ca_passphrase_file is not None:
         passphrase = read_passphrase_file(config.ca_passphrase_file, "ca_passphrase_file")
     from tlsgate.supervisor.supervisor import run_supervisor
 
-    return run_supervisor(config, passphrase)
+    def reload() -> Config:
+        # SIGHUP / `tlsgate reload`: the file again, with the same flags on top
+        return load_config(config_path, overrides)
+
+    return run_supervisor(config, passphrase, reload)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,6 +76,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--events-file", metavar="FILE", help="also append every event (msgpack stream) to FILE"
+    )
+    run.add_argument(
+        "--steering",
+        choices=("auto", "ebpf", "kernel"),
+        help="eBPF steering: auto (default; kernel hash fallback), ebpf (required), kernel (never)",
+    )
+    run.add_argument(
+        "--steering-policy",
+        choices=("least-loaded", "hash"),
+        help="how the eBPF program picks a worker (least-loaded)",
     )
     run.add_argument(
         "--worker-user",

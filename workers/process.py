@@ -131,7 +131,7 @@ async def _serve(worker: object, spec: WorkerSpec) -> None:
     try:
         await worker.serve()
         worker.listener.close()  # queued connections migrate to the other workers
-        await worker.drain(worker.config.limits.idle_timeout)
+        await worker.drain(worker.config.limits.drain_timeout)
     finally:
         beat.cancel()
 

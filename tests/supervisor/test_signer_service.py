@@ -12,7 +12,6 @@ import socket
 import stat
 import struct
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -627,19 +626,24 @@ def test_a_worker_of_another_user_mints_through_the_socket_and_cannot_read_the_c
     assert signer.signatures == 1
 
 
-def test_the_server_thread_does_not_block_its_caller(
+def test_start_returns_at_once_and_stop_ends_the_service_thread(
     signer: LeafSigner, cache: SharedCertificateCache, socket_path: Path
 ) -> None:
     server = SignerServer(signer, cache, socket_path)
-    started = threading.Event()
-
-    def start() -> None:
-        server.start()
-        started.set()
-
-    thread = threading.Thread(target=start)
-    thread.start()
-    assert started.wait(IO_TIMEOUT)
-    thread.join(IO_TIMEOUT)
+    server.start()
+    assert server.running
+    assert_still_serving(server, socket_path, "thread.example")
+    server.stop()
     server.stop()
     assert not server.running
+    assert server.failure is None
+
+
+def test_a_closed_client_refuses_to_sign(server: SignerServer, socket_path: Path) -> None:
+    client = SignerClient(socket_path)
+    client.close()
+    req = leaf_request("closed.example")
+    with pytest.raises(SignerUnavailable, match="was closed"):
+        asyncio.run(client.sign(req, cache_key(req, FINGERPRINT)))
+    with pytest.raises(SignerUnavailable, match="was closed"):
+        client.sign_blocking(req, cache_key(req, FINGERPRINT))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -151,3 +152,71 @@ def test_a_worker_runs_unprivileged_and_cannot_open_the_ca_key(
         # the worker's own view: its open files never include the key
         fds = [os.readlink(p) for p in Path(f"/proc/{pid}/fd").iterdir()]
         assert str(key) not in fds
+
+
+def bpftool_prog_names() -> list[str]:
+    out = subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True,
+                         timeout=30, check=True).stdout  # fmt: skip
+    return [p.get("name", "") for p in json.loads(out)]
+
+
+@pytest.mark.skipif(not shutil.which("bpftool"), reason="needs bpftool")
+def test_the_steering_program_is_loaded_while_running_and_gone_after_exit(
+    tmp_path: Path, pki: dict[str, Path]
+) -> None:
+    before = bpftool_prog_names().count("tlsgate_steer")
+    gw = Gateway(tmp_path, upstream_ca=pki["ca"], args=["--workers", "2", "--steering", "ebpf"])
+    with gw:
+        st = wait_workers_ready(gw, 2)
+        assert st["steering"]["state"] == "ebpf"
+        assert bpftool_prog_names().count("tlsgate_steer") == before + 1
+    assert gw.proc is not None and gw.proc.returncode == 0
+    assert bpftool_prog_names().count("tlsgate_steer") == before
+
+
+def test_without_ebpf_the_kernel_hash_steers_with_exactly_one_warning(
+    tmp_path: Path, pki: dict[str, Path], origin: Origin
+) -> None:
+    no_headers = {"BCC_KERNEL_SOURCE": str(tmp_path / "no-headers")}
+    gw = Gateway(tmp_path / "a", upstream_ca=pki["ca"], args=["--workers", "2"], env=no_headers)
+    with gw:
+        st = wait_workers_ready(gw, 2)
+        assert st["steering"]["state"] == "kernel-hash"
+        load = run_load((gw.host, gw.port), origin.port, str(gw.ca_cert), total=40)
+        assert load.failures == []
+    warnings = [line for line in gw.stderr_tail.splitlines() if "eBPF" in line]
+    assert len(warnings) == 1 and "kernel's reuseport hash" in warnings[0]
+    strict = Gateway(tmp_path / "b", upstream_ca=pki["ca"],
+                     args=["--workers", "2", "--steering", "ebpf"], env=no_headers)  # fmt: skip
+    result = subprocess.run(strict.argv, capture_output=True, text=True, timeout=60,
+                            env={**os.environ, **no_headers})  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "--steering ebpf" in result.stderr
+
+
+def test_sighup_reloads_the_ca_and_replaces_every_worker(
+    tmp_path: Path, pki: dict[str, Path], origin: Origin
+) -> None:
+    with Gateway(tmp_path, upstream_ca=pki["ca"], args=["--workers", "2"]) as gw:
+        st = wait_workers_ready(gw, 2)
+        old_pids = {w["pid"] for w in st["workers"]}
+        assert gw.proc is not None
+        gw.proc.send_signal(signal.SIGHUP)
+        end = time.monotonic() + 30
+        while time.monotonic() < end:
+            st = status(gw)
+            if st["reloads"] == 1 and not old_pids & {w["pid"] for w in st["workers"]}:
+                break
+            time.sleep(0.1)
+        assert st["reloads"] == 1
+        assert not old_pids & {w["pid"] for w in st["workers"]}
+        assert run_load((gw.host, gw.port), origin.port, str(gw.ca_cert), total=20).failures == []
+
+
+def test_metrics_are_served_in_prometheus_text_format(tmp_path: Path, pki: dict[str, Path]) -> None:
+    with Gateway(tmp_path, upstream_ca=pki["ca"], args=["--workers", "2"]) as gw:
+        wait_workers_ready(gw, 2)
+        result = tlsgate("metrics", "--state-dir", str(gw.state_dir))
+        assert result.returncode == 0, result.stderr
+        assert "# TYPE tlsgate_connections_accepted_total counter" in result.stdout
+        assert 'tlsgate_connections_active{worker="1"}' in result.stdout
