@@ -91,6 +91,13 @@ class Arbiter:
     # -- main loop ---------------------------------------------------------------------------
     def run(self, on_reload: Callable[[], None], tick: Callable[[], None]) -> None:
         self._on_reload = on_reload
+        self._tick = tick
+        try:
+            self._loop()
+        finally:
+            self.stop_all()
+
+    def _loop(self) -> None:
         for slot in self.slots:
             self._start(slot)
         while not self.stopping:
@@ -107,8 +114,7 @@ class Arbiter:
             self.reap()
             self.check_heartbeats()
             self.spawn_missing()
-            tick()
-        self.stop_all()
+            self._tick()
 
     def _serve_requests(self) -> None:
         while True:

@@ -95,6 +95,10 @@ class Config:
     #: "auto": eBPF if possible, else the kernel's reuseport hash (one warning line);
     #: "ebpf": eBPF or refuse to start; "kernel": never load eBPF.
     steering: str = "auto"
+    #: Transparent mode: ports whose forwarded traffic tlsgate TPROXYs to itself (its own
+    #: nftables table); empty: install nothing, serve what the operator's rules send.
+    intercept_ports: tuple[int, ...] = ()
+    intercept_from: tuple[str, ...] = ()
     steering_policy: str = "least-loaded"
     #: Workers drop root to this user after receiving their sockets ("" = stay as started).
     worker_user: str = field(default_factory=lambda: default_worker_user())
@@ -178,6 +182,7 @@ def _reject_unknown(table: Mapping[str, Any], known: set[str], where: str) -> No
 _TOP = {
     "listen", "mode", "workers", "state_dir", "upstream_ca_bundle", "ca_passphrase_file",
     "events", "policy", "http", "limits", "worker_user", "steering", "steering_policy",
+    "intercept_ports", "intercept_from",
 }  # fmt: skip
 _POLICY = {"bypass_domains", "bypass_clients", "block_domains", "block_clients"}
 _HTTP = {"record_headers", "redact_headers"}
@@ -233,6 +238,23 @@ def build_config(data: Mapping[str, Any], where: str = "the configuration") -> C
             if data[key] not in choices:
                 raise ConfigError(f"{key} = {data[key]!r}; choose one of: {', '.join(choices)}")
             kw[key] = data[key]
+    if "intercept_ports" in data:
+        ports = data["intercept_ports"]
+        if not isinstance(ports, list) or not all(
+            isinstance(p, int) and not isinstance(p, bool) and 0 < p < 65536 for p in ports
+        ):
+            raise ConfigError(f"intercept_ports must be a list of ports (1-65535), got {ports!r}")
+        kw["intercept_ports"] = tuple(ports)
+    if "intercept_from" in data:
+        nets = _str_list(data["intercept_from"], "intercept_from")
+        for net in nets:
+            try:
+                ipaddress.IPv4Network(net, strict=False)
+            except ValueError:
+                raise ConfigError(
+                    f"intercept_from: {net!r} is not an IPv4 network (e.g. 10.0.0.0/8)"
+                ) from None
+        kw["intercept_from"] = nets
     if "worker_user" in data:
         user = data["worker_user"]
         if not isinstance(user, str):
@@ -270,6 +292,8 @@ def build_config(data: Mapping[str, Any], where: str = "the configuration") -> C
     if lim:
         kw["limits"] = replace(Limits(), **lim)
     config = Config(**kw)
+    if config.intercept_ports and config.mode != "transparent":
+        raise ConfigError("intercept_ports only applies to --mode transparent")
     config.policy()  # compile once so bad globs/CIDRs fail here, at startup
     return config
 

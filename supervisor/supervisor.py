@@ -76,11 +76,13 @@ class Supervisor:
     def _start_signer(self) -> None:
         from tlsgate.supervisor.signer_service import SignerServer
 
+        signer = LeafSigner(self.ca, self.leaf_key)
         if self.signer_server is not None:
-            self.signer_server.stop()
-        self.cache.clear()
-        self.signer_server = SignerServer(LeafSigner(self.ca, self.leaf_key), self.cache,
-                                          self.run_dir / "signer.sock")  # fmt: skip
+            # reload: swap the CA and empty the cache, keeping every worker's connection
+            # (workers cannot reconnect through the root-only runtime directory)
+            self.signer_server.rotate(signer)
+            return
+        self.signer_server = SignerServer(signer, self.cache, self.run_dir / "signer.sock")
         self.signer_server.start()
 
     def run(self) -> int:
@@ -111,7 +113,16 @@ class Supervisor:
         self._check_worker_user()
         self._set_up_steering()
         self.control = ControlServer(control_socket_path(config.state_dir), self._control)
+        self.rules: Any = None
         try:
+            if config.intercept_ports:
+                from tlsgate.supervisor.nftables import TransparentRules
+
+                assert self._bound is not None
+                self.rules = TransparentRules(
+                    self._bound[1], config.intercept_ports, config.intercept_from
+                )
+                self.rules.install()
             self.hub.start()
             self.control.start()
             self.arbiter.install_signals()
@@ -121,6 +132,8 @@ class Supervisor:
                 self.log(self.steering_state["reason"])
             self.arbiter.run(on_reload=self._reload, tick=lambda: None)
         finally:
+            if self.rules is not None:
+                self.rules.remove()
             self.control.stop()
             if self.steering is not None:
                 self.steering.close()

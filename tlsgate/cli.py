@@ -19,6 +19,7 @@ from tlsgate.errors import OperatorError
 def _run(args: argparse.Namespace) -> int:
     from tlsgate.supervisor.ca_commands import passphrase_from_args, read_passphrase_file
     from tlsgate.supervisor.config import Config, load_config
+    from tlsgate.supervisor.nftables import parse_ports
 
     overrides = {
         "listen": args.listen,
@@ -30,6 +31,10 @@ def _run(args: argparse.Namespace) -> int:
         "events.file": args.events_file,
         "worker_user": args.worker_user,
         "steering": args.steering,
+        "intercept_ports": list(parse_ports(args.intercept_ports))
+        if args.intercept_ports
+        else None,
+        "intercept_from": args.intercept_from,
         "steering_policy": args.steering_policy,
     }
     if args.bypass:
@@ -76,6 +81,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--events-file", metavar="FILE", help="also append every event (msgpack stream) to FILE"
+    )
+    run.add_argument(
+        "--intercept-ports",
+        metavar="PORTS",
+        help="transparent mode: install tlsgate's own nftables TPROXY rules for these ports "
+        "(e.g. 443,8443); removed on exit",
+    )
+    run.add_argument(
+        "--intercept-from",
+        action="append",
+        metavar="CIDR",
+        help="only intercept clients from these networks (repeatable)",
     )
     run.add_argument(
         "--steering",

@@ -119,3 +119,36 @@ def test_a_transparent_client_of_an_untrusted_upstream_gets_a_tls_alert_and_an_e
         assert b"alert" in result.stderr.lower() or b"handshake" in result.stderr.lower()
         refused = gw.wait_events("upstream_refused", 1)
         assert refused and refused[0]["server_ip"] == topology.server_ip
+
+
+def nft_table_exists(topo: Topology) -> bool:
+    listed = topo.run(topo.gateway, ["nft", "list", "table", "inet", "tlsgate"], check=False)
+    return listed.returncode == 0
+
+
+def test_intercept_ports_installs_tlsgates_own_rules_and_removes_them_on_exit(
+    topology: Topology, pki: dict[str, Path], tmp_path: Path
+) -> None:
+    args = ["--mode", "transparent", "--intercept-ports", "443",
+            "--intercept-from", f"{topology.client_ip}/32", "--workers", "2"]  # fmt: skip
+    with (
+        Origin(pki["good_cert"], pki["good_key"], host=topology.server_ip, port=443,
+               netns=topology.server),
+        Gateway(tmp_path / "gw", upstream_ca=pki["ca"], listen="0.0.0.0:8443",
+                netns=topology.gateway, args=args) as gw,
+    ):  # fmt: skip
+        assert nft_table_exists(topology)
+        result = client_curl(topology, gw, "/own-rules")
+        assert result.returncode == 0, result.stderr
+        assert result.stdout == b"hello from /own-rules\n"
+        http = gw.wait_events("http", 1)
+        assert http[0]["server_ip"] == topology.server_ip
+        # a second gateway in the same namespace refuses: the table is ours and in use
+        second = Gateway(tmp_path / "gw2", upstream_ca=pki["ca"], listen="0.0.0.0:9443",
+                         netns=topology.gateway, args=args)  # fmt: skip
+        refused = subprocess.run(second.argv, capture_output=True, text=True, timeout=60)
+        assert refused.returncode == 2 and "already exists" in refused.stderr
+    assert gw.proc is not None and gw.proc.returncode == 0
+    assert not nft_table_exists(topology)
+    rules = topology.run(topology.gateway, ["ip", "rule", "show"]).stdout.decode()
+    assert "lookup 7467" not in rules
