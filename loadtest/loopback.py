@@ -102,6 +102,39 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (the supervisor and its workers)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry.name))
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo.extend(children.get(p, []))
+    return tree
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    total = 0.0
+    for p in process_tree(pid):
+        try:
+            total += cpu_seconds(p)
+        except (OSError, IndexError):
+            pass  # exited meanwhile
+    return total
+
+
+def rss_mib(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/status").read_text().split("VmRSS:")[1].split()[0]) // 1024
+
+
 def _pin(cpus: set[int]) -> None:
     try:
         os.sched_setaffinity(0, cpus)
@@ -177,6 +210,27 @@ def _py_spy() -> str:
     if not Path(found).exists():
         raise SystemExit("--profile needs py-spy: pip install py-spy")
     return found
+
+
+def _gateway_ready(port: int, state: Path, workers: int) -> Callable[[], bool]:
+    """Listening, and every worker up (the supervisor listens before workers exist)."""
+    from tlsgate.errors import OperatorError
+    from tlsgate.paths import control_socket_path
+    from tlsgate.supervisor.control import request
+
+    listening = _listening(port)
+
+    def check() -> bool:
+        if not listening():
+            return False
+        try:
+            status = request(control_socket_path(state), {"cmd": "status"}, timeout=2)["status"]
+        except (OperatorError, OSError, KeyError):
+            return False
+        ready = [w for w in status["workers"] if w["alive"] and w["heartbeat_age"] < 2]
+        return len(ready) == workers
+
+    return check
 
 
 # -- clients (run in worker processes) ---------------------------------------------------
@@ -267,7 +321,12 @@ def hottest(collapsed: Path, top: int = 5) -> list[tuple[str, float]]:
 
 
 def run(
-    seconds: float, clients: int, scenarios: list[str], keep: bool, profile: bool = False
+    seconds: float,
+    clients: int,
+    scenarios: list[str],
+    keep: bool,
+    profile: bool = False,
+    workers: int = 1,
 ) -> list[Result]:
     if shutil.which("nginx") is None:
         raise SystemExit("nginx is not installed: apt-get install nginx-light")
@@ -290,8 +349,9 @@ def run(
                                     _listening(origin_port), set(client_cpus) - {-1}))  # fmt: skip
         gw_pid = stack.enter_context(running(
             [sys.executable, "-m", "tlsgate", "run", "--state-dir", str(d / "state"), "--listen",
-             f"127.0.0.1:{proxy_port}", "--upstream-ca-bundle", str(d / "ca.pem")],
-            _listening(proxy_port), gw_cpus))  # fmt: skip
+             f"127.0.0.1:{proxy_port}", "--upstream-ca-bundle", str(d / "ca.pem"),
+             "--workers", str(workers)],
+            _gateway_ready(proxy_port, d / "state", workers), gw_cpus))  # fmt: skip
         print(f"gateway pid {gw_pid} on CPU {gw_cpus or 'any'}; {clients} client processes; "
               f"{seconds:.0f} s per scenario", flush=True)  # fmt: skip
         with multiprocess.Pool(clients) as pool:
@@ -302,16 +362,17 @@ def run(
                 spy = None
                 if profile:
                     spy = subprocess.Popen(
-                        [_py_spy(), "record", "--pid", str(gw_pid), "--rate", "250",
+                        [_py_spy(), "record", "--pid", str(gw_pid), "--subprocesses",
+                         "--rate", "250",
                          "--duration", str(max(1, int(seconds) - 1)), "--format", "raw",
                          "--output", str(d / f"profile-{scenario}.txt"), "--nonblocking"],
                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                     )  # fmt: skip
-                cpu0 = cpu_seconds(gw_pid)
+                cpu0 = tree_cpu_seconds(gw_pid)
                 t0 = time.monotonic()
                 out = pool.map(_client, jobs)
                 elapsed = time.monotonic() - t0
-                cpu = cpu_seconds(gw_pid) - cpu0
+                cpu = tree_cpu_seconds(gw_pid) - cpu0
                 if spy is not None:
                     spy.wait(timeout=30)
                 units = sum(o[0] for o in out)
@@ -327,8 +388,10 @@ def run(
                 if spy is not None and (d / f"profile-{scenario}.txt").exists():
                     for name, share in hottest(d / f"profile-{scenario}.txt"):
                         print(f"    {share:6.1%}  {name}", flush=True)
-        rss = Path(f"/proc/{gw_pid}/status").read_text().split("VmRSS:")[1].split()[0]
-        print(f"gateway RSS {int(rss) // 1024} MiB", flush=True)
+        tree = process_tree(gw_pid)
+        print(f"RSS: supervisor {rss_mib(gw_pid)} MiB; its children (workers, and "
+              "multiprocess's resource tracker) "
+              + ", ".join(f"{rss_mib(p)} MiB" for p in tree[1:]), flush=True)  # fmt: skip
     return results
 
 
@@ -343,6 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--scenario", choices=("all", "newconn", "keepalive", "bulk"), default="all"
     )
+    parser.add_argument("--workers", type=int, default=1, help="gateway workers (1)")
     parser.add_argument("--json", action="store_true", help="print results as JSON too")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     parser.add_argument(
@@ -352,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     scenarios = ["newconn", "keepalive", "bulk"] if args.scenario == "all" else [args.scenario]
-    results = run(args.seconds, args.clients, scenarios, args.keep, args.profile)
+    results = run(args.seconds, args.clients, scenarios, args.keep, args.profile, args.workers)
     if args.json:
         print(json.dumps([r.__dict__ for r in results]))
     return 1 if any(r.errors for r in results) else 0
