@@ -3,7 +3,9 @@ startup banner (used by :mod:`tlsgate.supervisor.supervisor`)."""
 
 from __future__ import annotations
 
+import shutil
 import socket
+import sys
 from pathlib import Path
 from typing import TextIO
 
@@ -46,12 +48,24 @@ def make_listener(config: Config) -> socket.socket:
     return sock
 
 
+def command_name() -> str:
+    """How the operator can call this same tlsgate again (it may not be on PATH)."""
+    argv0 = Path(sys.argv[0])
+    if argv0.name == "tlsgate":
+        found = shutil.which("tlsgate")
+        if found and Path(found).resolve() == argv0.resolve():
+            return "tlsgate"
+        return str(argv0.resolve())
+    return f"{sys.executable} -m tlsgate"
+
+
 def banner(
     config: Config, listen: tuple[str, int], ca: LoadedCA, created: bool, out: TextIO
 ) -> None:
     host, port = listen[:2]
     where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     cert = ca.cert_path
+    prog = command_name()
     sock = events_socket_path(config.state_dir)
     state = (
         f" --state-dir {config.state_dir}" if config.state_dir != Path("/var/lib/tlsgate") else ""
@@ -66,8 +80,9 @@ def banner(
         f"  or per command:        curl --proxy http://{where} --cacert {cert} https://example.com/"
         if config.mode == "explicit"
         else f"  or per command:        curl --cacert {cert} https://example.com/",
-        f"  export it:             tlsgate ca export{state} > tlsgate-ca.pem",
-        f"Events: tlsgate events{state}   (detection socket {sock})",
+        f"  export it:             {prog} ca export{state} > tlsgate-ca.pem",
+        f"Events: {prog} events{state}   (detection socket {sock})",
+        f"Status: {prog} status{state}",
     ]
     if config.events_file:
         lines.append(f"Events are also appended to {config.events_file}")
