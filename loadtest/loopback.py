@@ -153,7 +153,7 @@ def make_pki(d: Path) -> None:
     key = generate_leaf_key()
     leaf = LeafSigner(ca, key).sign(
         LeafRequest(
-            dns_names=("localhost",),
+            dns_names=("localhost", "*.bench.test"),
             ip_addresses=("127.0.0.1",),
             not_after=ca.cert.not_valid_after_utc,
         )
@@ -233,8 +233,39 @@ def _gateway_ready(port: int, state: Path, workers: int) -> Callable[[], bool]:
     return check
 
 
+def _names(
+    pool: object, clients: int, proxy: int, origin: int, d: Path, gw_pid: int, names: int
+) -> Result:
+    """Two passes over ``names`` distinct server names; prints the cache figures."""
+    from tlsgate.paths import control_socket_path
+    from tlsgate.supervisor.control import request
+
+    gateway_ca = str(d / "state" / "ca" / "cert.pem")
+    per = -(-names // clients)
+    total_units = total_errors = 0
+    elapsed = cpu = 0.0
+    for label in ("first pass (all new)", "second pass (same names)"):
+        jobs = [(f"names:{i * per}-{min(per, names - i * per)}", proxy, origin, gateway_ca, 0.0,
+                 -1) for i in range(clients) if names - i * per > 0]  # fmt: skip
+        cpu0, t0 = tree_cpu_seconds(gw_pid), time.monotonic()
+        out = pool.map(_client, jobs)  # type: ignore[attr-defined]
+        dt, dcpu = time.monotonic() - t0, tree_cpu_seconds(gw_pid) - cpu0
+        units, errors = sum(o[0] for o in out), sum(o[1] for o in out)
+        total_units += units
+        total_errors += errors
+        elapsed += dt
+        cpu += dcpu
+        time.sleep(1.2)  # workers publish their counters once a second
+        cache = request(control_socket_path(d / "state"), {"cmd": "status"})["status"]["cache"]
+        print(f"names      {label}: {units} conn in {dt:.1f} s, gateway CPU "
+              f"{dcpu / max(units, 1) * 1000:.2f} s/1k, errors {errors}; cache so far: "
+              f"{cache['lookups']} look-ups, {cache['signatures']} signatures, hit rate "
+              f"{cache['hit_rate']:.1%}, {cache['size']} entries", flush=True)  # fmt: skip
+    return Result("names", total_units, "conn", elapsed, total_errors, cpu)
+
+
 # -- clients (run in worker processes) ---------------------------------------------------
-def _tunnel(proxy: int, origin: int, ctx: ssl.SSLContext) -> ssl.SSLSocket:
+def _tunnel(proxy: int, origin: int, ctx: ssl.SSLContext, name: str = "localhost") -> ssl.SSLSocket:
     sock = socket.create_connection(("127.0.0.1", proxy), timeout=10)
     sock.sendall(f"CONNECT localhost:{origin} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())
     head = b""
@@ -245,7 +276,7 @@ def _tunnel(proxy: int, origin: int, ctx: ssl.SSLContext) -> ssl.SSLSocket:
         head += chunk
     if not head.startswith(b"HTTP/1.1 200"):
         raise OSError(head.split(b"\r\n", 1)[0].decode())
-    return ctx.wrap_socket(sock, server_hostname="localhost")
+    return ctx.wrap_socket(sock, server_hostname=name)
 
 
 def _read_response(tls: ssl.SSLSocket, buf: bytearray) -> int:
@@ -278,6 +309,21 @@ def _client(args: tuple[str, int, int, str, float, int]) -> tuple[int, int, int]
     units = errors = nbytes = 0
     end = time.monotonic() + seconds
     request = b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n"
+    if scenario.startswith("names:"):
+        # distinct SNI names (CONNECT to localhost, TLS to n<i>.bench.test): each first use
+        # is a certificate cache miss and a signature; the second pass must hit
+        first, count = (int(x) for x in scenario.split(":")[1].split("-"))
+        for i in range(first, first + count):
+            name = f"n{i}.bench.test"
+            try:
+                with _tunnel(proxy, origin, ctx, name) as tls:
+                    tls.sendall(f"GET / HTTP/1.1\r\nHost: {name}\r\nConnection: close\r\n\r\n"
+                                .encode())  # fmt: skip
+                    nbytes += _read_response(tls, bytearray())
+                units += 1
+            except OSError:
+                errors += 1
+        return units, errors, nbytes
     if scenario == "newconn":
         while time.monotonic() < end:
             try:
@@ -327,6 +373,7 @@ def run(
     keep: bool,
     profile: bool = False,
     workers: int = 1,
+    names: int = 1000,
 ) -> list[Result]:
     if shutil.which("nginx") is None:
         raise SystemExit("nginx is not installed: apt-get install nginx-light")
@@ -356,6 +403,10 @@ def run(
               f"{seconds:.0f} s per scenario", flush=True)  # fmt: skip
         with multiprocess.Pool(clients) as pool:
             for scenario in scenarios:
+                if scenario == "names":
+                    results.append(_names(pool, clients, proxy_port, origin_port, d, gw_pid,
+                                          names))  # fmt: skip
+                    continue
                 gateway_ca = str(d / "state" / "ca" / "cert.pem")
                 jobs = [(scenario, proxy_port, origin_port, gateway_ca, seconds,
                          client_cpus[i % len(client_cpus)]) for i in range(clients)]  # fmt: skip
@@ -404,7 +455,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument(
-        "--scenario", choices=("all", "newconn", "keepalive", "bulk"), default="all"
+        "--scenario", choices=("all", "newconn", "keepalive", "bulk", "names"), default="all"
+    )
+    parser.add_argument(
+        "--names", type=int, default=1000, help="distinct server names in the names scenario (1000)"
     )
     parser.add_argument("--workers", type=int, default=1, help="gateway workers (1)")
     parser.add_argument("--json", action="store_true", help="print results as JSON too")
@@ -416,7 +470,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     scenarios = ["newconn", "keepalive", "bulk"] if args.scenario == "all" else [args.scenario]
-    results = run(args.seconds, args.clients, scenarios, args.keep, args.profile, args.workers)
+    results = run(args.seconds, args.clients, scenarios, args.keep, args.profile, args.workers,
+                  args.names)  # fmt: skip
     if args.json:
         print(json.dumps([r.__dict__ for r in results]))
     return 1 if any(r.errors for r in results) else 0

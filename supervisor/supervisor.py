@@ -292,6 +292,22 @@ class Supervisor:
             return dict(box["answer"])
         return {"ok": False, "error": f"unknown command {cmd!r}"}
 
+    def _cache_status(self, workers: list[dict[str, Any]]) -> dict[str, Any]:
+        """Certificate look-ups across workers: a hit is any look-up that needed no
+        signature (this worker's contexts, or the shared cache)."""
+        lookups = sum(w["cert_lookups"] for w in workers)
+        minted = sum(w["minted"] for w in workers)
+        shared = self.cache.stats()
+        signer = self.signer_server.stats() if self.signer_server is not None else {}
+        return {
+            "size": shared.get("size", 0),
+            "lookups": lookups,
+            "minted": minted,
+            "hit_rate": (lookups - minted) / lookups if lookups else 0.0,
+            "signatures": signer.get("signed", 0),
+            "coalesced": signer.get("coalesced", 0),
+        }
+
     def status(self) -> dict[str, Any]:
         counters = self.steering.counters() if self.steering is not None else None
         workers = []
@@ -304,6 +320,7 @@ class Supervisor:
                 "active": int(stats["active"]), "accepted": int(stats["accepted"]),
                 "closed": int(stats["closed"]), "refused": int(stats["refused"]),
                 "minted": int(stats["minted"]), "restarts": slot.restarts,
+                "cert_lookups": int(stats["cert_lookups"]),
                 "steered": counters["selected"][slot.index] if counters else None,
                 "heartbeat_age": round(time.monotonic() - stats["beat"], 3),
             })  # fmt: skip
@@ -316,7 +333,7 @@ class Supervisor:
             "reloads": self.arbiter.reloads,
             "workers": workers,
             "steering": {**self.steering_state, "counters": counters},
-            "cache": self.cache.stats(),
+            "cache": self._cache_status(workers),
             "events": self.hub.stats(),
             "ca": {"fingerprint_sha256": self.ca.fingerprint_sha256},
         }

@@ -141,11 +141,14 @@ class ClientContexts:
         self._context_cache_size = context_cache_size
         self._minting: dict[bytes, asyncio.Future[bytes]] = {}
         self.minted = 0
+        #: leaf look-ups (one per intercepted connection); hit rate = 1 - minted / lookups
+        self.lookups = 0
 
     async def context_for(self, request: LeafRequest, upstream_fingerprint: str) -> SSL.Context:
         """A Context presenting a leaf for ``request``: from this worker's contexts, else the
         shared cache, else minted (concurrent misses for one key in this worker wait for one
         mint; across workers the signer coalesces them)."""
+        self.lookups += 1
         key = cache_key(request, upstream_fingerprint)
         ctx = self._contexts.get(key)
         if ctx is not None:

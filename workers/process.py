@@ -145,7 +145,8 @@ async def _heartbeat(spec: WorkerSpec, worker: object) -> None:
     while True:
         st = worker.stats
         values = (time.monotonic(), st.accepted, st.active, st.closed, st.refused,
-                  st.protocol_errors, st.over_limit, worker.client_contexts.minted)  # fmt: skip
+                  st.protocol_errors, st.over_limit, worker.client_contexts.minted,
+                  worker.client_contexts.lookups)  # fmt: skip
         for i, v in enumerate(values):
             out[i] = float(v)  # type: ignore[index]
         await asyncio.sleep(HEARTBEAT_INTERVAL)
