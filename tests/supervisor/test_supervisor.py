@@ -220,3 +220,40 @@ def test_metrics_are_served_in_prometheus_text_format(tmp_path: Path, pki: dict[
         assert result.returncode == 0, result.stderr
         assert "# TYPE tlsgate_connections_accepted_total counter" in result.stdout
         assert 'tlsgate_connections_active{worker="1"}' in result.stdout
+
+
+def test_a_worker_that_cannot_boot_stops_the_supervisor_with_its_reason(
+    tmp_path: Path, pki: dict[str, Path]
+) -> None:
+    garbage = tmp_path / "bundle.pem"
+    garbage.write_text("this is not a certificate bundle\n")
+    gw = Gateway(tmp_path / "state", upstream_ca=garbage, args=["--workers", "2"])
+    result = subprocess.run(gw.argv, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("tlsgate: error: worker") and "failed to start 5 times" in last
+    assert "cannot start" in result.stderr  # the worker's own reason is shown above it
+
+
+def test_a_hung_worker_is_killed_after_its_heartbeat_stops_and_replaced(
+    tmp_path: Path, pki: dict[str, Path], origin: Origin
+) -> None:
+    with Gateway(tmp_path, upstream_ca=pki["ca"], args=["--workers", "2"]) as gw:
+        st = wait_workers_ready(gw, 2)
+        hung = st["workers"][1]["pid"]
+        os.kill(hung, signal.SIGSTOP)
+        try:
+            end = time.monotonic() + 25
+            while time.monotonic() < end:
+                pids = [w["pid"] for w in status(gw)["workers"]]
+                if hung not in pids and all(pids):
+                    break
+                time.sleep(0.2)
+            assert hung not in pids
+        finally:
+            try:
+                os.kill(hung, signal.SIGCONT)
+            except ProcessLookupError:
+                pass  # already killed by the supervisor, as it should be
+        wait_workers_ready(gw, 2)
+        assert run_load((gw.host, gw.port), origin.port, str(gw.ca_cert), total=20).failures == []
