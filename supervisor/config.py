@@ -18,6 +18,8 @@ File layout (every key optional)::
 
     [events]
     file = "/var/log/tlsgate/events.msgpack"
+    subscriber_buffer = 8388608       # bytes per subscriber before it gets gap events
+    group = "ids"                     # may read the detection socket (mode 0660)
 
     [policy]
     bypass_domains = ["*.bank.example"]
@@ -43,6 +45,7 @@ File layout (every key optional)::
 
 from __future__ import annotations
 
+import grp
 import ipaddress
 import os
 import pwd
@@ -85,6 +88,10 @@ class Config:
     upstream_ca_bundle: Path | None = None
     ca_passphrase_file: Path | None = None
     events_file: Path | None = None
+    #: Per detection-socket subscriber: events buffered for a slow reader before it gets gaps.
+    events_subscriber_buffer: int = 8 * 1024 * 1024
+    #: Group that may subscribe to the detection socket (mode 0660); "" = root's group.
+    events_group: str = ""
     bypass_domains: tuple[str, ...] = ()
     bypass_clients: tuple[str, ...] = ()
     block_domains: tuple[str, ...] = ()
@@ -268,9 +275,24 @@ def build_config(data: Mapping[str, Any], where: str = "the configuration") -> C
                 ) from None
         kw["worker_user"] = user
     events = _table(data, "events", where)
-    _reject_unknown(events, {"file"}, f"[events] of {where}")
+    _reject_unknown(events, {"file", "subscriber_buffer", "group"}, f"[events] of {where}")
     if events.get("file") is not None:
         kw["events_file"] = _path(events["file"], "events.file", must_exist=False)
+    if "subscriber_buffer" in events:
+        size = _positive(events["subscriber_buffer"], "events.subscriber_buffer", int)
+        if size < 65536:
+            raise ConfigError(f"events.subscriber_buffer = {size}: use at least 65536 bytes")
+        kw["events_subscriber_buffer"] = size
+    if "group" in events:
+        group = events["group"]
+        if not isinstance(group, str):
+            raise ConfigError(f"events.group must be a group name, got {group!r}")
+        if group:
+            try:
+                grp.getgrnam(group)
+            except KeyError:
+                raise ConfigError(f"events.group = {group!r}: no such group") from None
+        kw["events_group"] = group
     policy = _table(data, "policy", where)
     _reject_unknown(policy, _POLICY, f"[policy] of {where}")
     for key in _POLICY:

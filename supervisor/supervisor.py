@@ -9,6 +9,7 @@ path and the cache path — never the CA key, and they drop root.
 
 from __future__ import annotations
 
+import grp
 import os
 import pwd
 import socket
@@ -101,7 +102,8 @@ class Supervisor:
         self.cache = SharedCertificateCache(self.run_dir / "certcache")
         self._start_signer()
         self.hub = EventHub(events_socket_path(config.state_dir), file_path=config.events_file,
-                            gateway_id=f"{socket.gethostname()}:{os.getpid()}")  # fmt: skip
+                            gateway_id=f"{socket.gethostname()}:{os.getpid()}",
+                            subscriber_buffer_bytes=config.events_subscriber_buffer)  # fmt: skip
         self.arbiter = Arbiter(
             config.workers,
             config.limits.drain_timeout,
@@ -124,6 +126,11 @@ class Supervisor:
                 )
                 self.rules.install()
             self.hub.start()
+            if config.events_group:
+                # the group may traverse the runtime dir (0750) and use the socket (0660)
+                gid = grp.getgrnam(config.events_group).gr_gid
+                os.chown(self.run_dir, -1, gid)
+                os.chown(events_socket_path(config.state_dir), -1, gid)
             self.control.start()
             self.arbiter.install_signals()
             first = self.arbiter.slots[0].listener
