@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import sys
 
-from tlsgate.loadtest import loopback
+from tlsgate.loadtest import eventpath, loopback
 
-COMMANDS = {"loopback": loopback.main}
+COMMANDS = {"loopback": loopback.main, "events": eventpath.main}
 
 
 def main(argv: list[str] | None = None) -> int:
