@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from tlsgate.errors import OperatorError
+from tlsgate.supervisor.unixsocket import remove_stale_socket
 
 MAX_REQUEST_BYTES = 4096
 REQUEST_TIMEOUT = 60.0
@@ -36,17 +37,7 @@ class ControlServer:
 
     def start(self) -> None:
         path = self.path
-        if path.exists():
-            probe = socket.socket(socket.AF_UNIX)
-            try:
-                probe.connect(str(path))
-            except OSError:
-                path.unlink()  # stale: nobody answers on it
-            else:
-                probe.close()
-                raise OperatorError(
-                    f"another gateway is running with control socket {path}; stop it first"
-                )
+        remove_stale_socket(path, "control")
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old = os.umask(0o177)
         try:

@@ -39,7 +39,6 @@ import os
 import secrets
 import selectors
 import socket
-import stat
 import threading
 import time
 from collections import deque
@@ -48,6 +47,7 @@ from pathlib import Path
 from typing import Any, Final, Protocol
 
 from tlsgate.errors import OperatorError
+from tlsgate.supervisor.unixsocket import remove_stale_socket, unlink_quietly
 from tlsgate.workers.events import (
     GAP,
     HELLO,
@@ -285,7 +285,7 @@ class EventHub:
                 f"cannot create the events socket {path}: directory {path.parent} does not"
                 " exist; create it or choose another socket path"
             )
-        _remove_stale_socket(path)
+        remove_stale_socket(path, "events")
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         # Bound under a temporary name so that the mode is right before anyone can
         # connect, then linked into place: link() refuses to replace an existing name.
@@ -297,7 +297,7 @@ class EventHub:
                 listener.listen(LISTEN_BACKLOG)
                 os.link(temp, path)
             finally:
-                _unlink_quietly(temp)
+                unlink_quietly(temp)
             st = os.lstat(path)
         except FileExistsError as exc:
             listener.close()
@@ -619,7 +619,7 @@ class EventHub:
         except FileNotFoundError:
             return
         if (st.st_dev, st.st_ino) == self._listener_id:
-            _unlink_quietly(path)
+            unlink_quietly(path)
 
     def _close_all(self) -> None:
         for sub in list(self._subscribers.values()):
@@ -635,45 +635,3 @@ class EventHub:
         if self._selector is not None:
             self._selector.close()
             self._selector = None
-
-
-def _unlink_quietly(path: Path) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
-def _remove_stale_socket(path: Path) -> None:
-    """Remove a socket file nobody listens on; OperatorError if a gateway is listening."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise OperatorError(
-            f"{path} exists and is not a socket; move it away or choose another socket path"
-        )
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.setblocking(False)
-    try:
-        probe.connect(str(path))
-    except ConnectionRefusedError:
-        logger.info("removing the stale events socket %s left by a gateway that exited", path)
-        _unlink_quietly(path)
-        return
-    except FileNotFoundError:
-        return
-    except BlockingIOError:
-        pass  # listening, with a full backlog: alive
-    except OSError as exc:
-        raise OperatorError(
-            f"cannot check whether a gateway is listening on {path}: {exc.strerror or exc};"
-            " remove the file if no gateway is running"
-        ) from exc
-    finally:
-        probe.close()
-    raise OperatorError(
-        f"another gateway is running: {path} accepts connections;"
-        " stop it first or use another --state-dir"
-    )

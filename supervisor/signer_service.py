@@ -51,7 +51,6 @@ import os
 import selectors
 import shutil
 import socket
-import stat
 import struct
 import tempfile
 import threading
@@ -67,6 +66,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from tlsgate.errors import OperatorError, TlsgateError
 from tlsgate.supervisor.signer import MAX_DNS_NAME_CHARS, MAX_LEAF_NAMES, LeafRequest
+from tlsgate.supervisor.unixsocket import remove_stale_socket, unlink_quietly
 from tlsgate.workers.certs import Signer
 
 logger = logging.getLogger(__name__)
@@ -433,7 +433,7 @@ class SignerServer:
                 f"cannot create the signer socket {path}: directory {path.parent} does not"
                 " exist; create the runtime directory first"
             )
-        _remove_stale_socket(path)
+        remove_stale_socket(path, "signer")
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             private = Path(tempfile.mkdtemp(prefix=".s", dir=path.parent))  # mode 0700
@@ -758,7 +758,7 @@ class SignerServer:
                 pass
             else:
                 if (st.st_dev, st.st_ino) == self._listener_id:
-                    _unlink_quietly(self.socket_path)
+                    unlink_quietly(self.socket_path)
         for sock in (self._wake_r, self._wake_w):
             if sock is not None:
                 sock.close()
@@ -776,46 +776,6 @@ def _peer_name(sock: socket.socket) -> str:
     except OSError:
         return "an unknown process"
     return f"pid {pid} (uid {uid})"
-
-
-def _unlink_quietly(path: Path) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
-def _remove_stale_socket(path: Path) -> None:
-    """Remove a socket file nobody listens on; OperatorError if a signer is listening."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise OperatorError(f"{path} exists and is not a socket; move it away")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.setblocking(False)
-    try:
-        probe.connect(str(path))
-    except ConnectionRefusedError:
-        logger.info("removing the stale signer socket %s left by a gateway that exited", path)
-        _unlink_quietly(path)
-        return
-    except FileNotFoundError:
-        return
-    except BlockingIOError:
-        pass  # listening, with a full backlog: alive
-    except OSError as exc:
-        raise OperatorError(
-            f"cannot check whether a signer is listening on {path}: {exc.strerror or exc};"
-            " remove the file if no gateway is running"
-        ) from exc
-    finally:
-        probe.close()
-    raise OperatorError(
-        f"another gateway is running: {path} accepts connections;"
-        " stop it first or use another --state-dir"
-    )
 
 
 # -- the client ----------------------------------------------------------------------------

@@ -11,35 +11,15 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import trustme
 
 from tests.gateway import Gateway, Origin
 from tests.loadclient import run_load
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the supervisor runs as root")
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    d = tmp_path_factory.mktemp("pki")
-    ca = trustme.CA()
-    leaf = ca.issue_cert("localhost")
-    paths = {"ca": d / "ca.pem", "cert": d / "cert.pem", "key": d / "key.pem"}
-    ca.cert_pem.write_to_path(str(paths["ca"]))
-    leaf.private_key_pem.write_to_path(str(paths["key"]))
-    paths["cert"].write_bytes(b"".join(b.bytes() for b in leaf.cert_chain_pems))
-    return paths
-
-
-@pytest.fixture(scope="module")
-def origin(pki: dict[str, Path]) -> Iterator[Origin]:
-    with Origin(pki["cert"], pki["key"]) as server:
-        yield server
 
 
 def tlsgate(*args: str) -> subprocess.CompletedProcess[str]:

@@ -10,7 +10,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import trustme
 
 from tests.gateway import Gateway, Origin
 
@@ -20,24 +19,6 @@ handshake_timeout = 0.5
 idle_timeout = 1.0
 max_connections = 3
 """
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    d = tmp_path_factory.mktemp("pki")
-    ca = trustme.CA()
-    leaf = ca.issue_cert("localhost")
-    paths = {"ca": d / "ca.pem", "cert": d / "cert.pem", "key": d / "key.pem"}
-    ca.cert_pem.write_to_path(str(paths["ca"]))
-    leaf.private_key_pem.write_to_path(str(paths["key"]))
-    paths["cert"].write_bytes(b"".join(b.bytes() for b in leaf.cert_chain_pems))
-    return paths
-
-
-@pytest.fixture(scope="module")
-def origin(pki: dict[str, Path]) -> Iterator[Origin]:
-    with Origin(pki["cert"], pki["key"]) as server:
-        yield server
 
 
 @pytest.fixture
