@@ -217,6 +217,10 @@ class Arbiter:
         self.reloads += 1
 
     def stop_all(self) -> None:
+        """Stop accepting (close our listener copies; workers close theirs on SIGTERM), let
+        in-flight connections finish up to the drain deadline, then kill what is left."""
+        for slot in self.slots:
+            slot.listener.close()
         procs = [s.process for s in self.slots if s.process is not None]
         procs += [p for s in self.slots for p in s.retiring]
         for proc in procs:
@@ -228,5 +232,3 @@ class Arbiter:
             if proc.is_alive():
                 proc.kill()
                 proc.join(5)
-        for slot in self.slots:
-            slot.listener.close()

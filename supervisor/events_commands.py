@@ -9,6 +9,10 @@ Rules:
 - ``--format json`` (default) prints one JSON object per line, keys in the order they were
   encoded, bytes values as text (UTF-8, invalid bytes replaced), ASCII only.
   ``--format msgpack`` writes the events, re-encoded one by one, to binary stdout.
+  ``--format eve`` prints Suricata EVE-JSON records, one per line (``supervisor/eve.py``):
+  the renderer sees every event (it needs the ``hello`` and the ``conn_open`` events),
+  ``--filter`` picks the tlsgate types whose records are printed, and ``--count``
+  counts records. An event without a usable ``ts`` is an OperatorError.
 - ``--filter TYPE ...`` keeps only those event types (``hello`` and ``gap`` included: to
   see gaps while filtering, name ``gap``). ``--count N`` stops after N printed events.
 - Output is flushed after every batch received, so pipes see events as they come.
@@ -30,6 +34,7 @@ from typing import Any, Final, TextIO
 
 from tlsgate.errors import OperatorError
 from tlsgate.paths import events_socket_path, resolve_state_dir
+from tlsgate.supervisor.eve import EveRenderer, EveRenderError
 from tlsgate.workers.events import (
     EVENT_TYPES,
     EventDecodeError,
@@ -49,7 +54,8 @@ def add_events_parser(subparsers: Any) -> argparse.ArgumentParser:
         "events",
         help="print the inspection events of a running gateway (or of a recording)",
         description="Subscribe to a running gateway's detection socket, or read a recorded "
-        "event file, and print the events: one JSON object per line, or raw msgpack.",
+        "event file, and print the events: one JSON object per line, raw msgpack, or "
+        "Suricata EVE-JSON.",
     )
     source = parser.add_mutually_exclusive_group()
     source.add_argument(
@@ -59,9 +65,10 @@ def add_events_parser(subparsers: Any) -> argparse.ArgumentParser:
     source.add_argument("--file", metavar="PATH", help="recorded event file to read instead")
     parser.add_argument(
         "--format",
-        choices=("json", "msgpack"),
+        choices=("json", "msgpack", "eve"),
         default="json",
-        help="json: one object per line (default); msgpack: the raw event stream",
+        help="json: one object per line (default); msgpack: the raw event stream; "
+        "eve: Suricata EVE-JSON records (tls, http, anomaly), one per line",
     )
     parser.add_argument(
         "--filter",
@@ -91,13 +98,20 @@ def _positive_int(text: str) -> int:
 def run_events(args: argparse.Namespace) -> int:
     """Run ``tlsgate events`` with parsed ``args``; return the exit code."""
     out = sys.stdout
-    write = _json_writer(out) if args.format == "json" else _msgpack_writer(out)
+    types = args.filter
+    if args.format == "eve":
+        write = _eve_writer(out, types)
+        types = None  # the renderer must see every event; it applies the filter itself
+    elif args.format == "json":
+        write = _json_writer(out)
+    else:
+        write = _msgpack_writer(out)
     if args.file:
         batches = _read_file(Path(args.file))
     else:
         batches = _read_socket(args.socket, args.state_dir)
     try:
-        _print_events(batches, write, out.flush, args.filter, args.count)
+        _print_events(batches, write, out.flush, types, args.count)
     except _TruncatedStreamError as exc:
         out.flush()
         print(f"tlsgate: error: {exc}", file=sys.stderr)
@@ -113,7 +127,7 @@ def run_events(args: argparse.Namespace) -> int:
 
 def _print_events(
     batches: Iterator[Iterator[dict[str, Any]]],
-    write: Callable[[dict[str, Any]], None],
+    write: Callable[[dict[str, Any]], int],
     flush: Callable[[], None],
     types: list[str] | None,
     count: int | None,
@@ -124,10 +138,10 @@ def _print_events(
         for event in batch:
             if wanted is not None and event["type"] not in wanted:
                 continue
-            write(event)
-            if remaining is not None:
-                remaining -= 1
-                if remaining == 0:
+            written = write(event)
+            if remaining is not None and written:
+                remaining -= written
+                if remaining <= 0:
                     flush()
                     return
         flush()
@@ -218,10 +232,10 @@ def _decode(decoder: EventDecoder, chunk: bytes, where: str) -> Iterator[dict[st
         raise OperatorError(f"{where} does not carry tlsgate events: {exc}") from None
 
 
-def _json_writer(out: TextIO) -> Callable[[dict[str, Any]], None]:
+def _json_writer(out: TextIO) -> Callable[[dict[str, Any]], int]:
     write = out.write
 
-    def write_json(event: dict[str, Any]) -> None:
+    def write_json(event: dict[str, Any]) -> int:
         try:
             line = json.dumps(
                 event, separators=_JSON_SEPARATORS, allow_nan=False, default=_json_default
@@ -230,8 +244,33 @@ def _json_writer(out: TextIO) -> Callable[[dict[str, Any]], None]:
             # Bytes map keys or non-finite floats: only in foreign or damaged streams.
             line = json.dumps(_jsonable(event), separators=_JSON_SEPARATORS)
         write(line + "\n")
+        return 1
 
     return write_json
+
+
+def _eve_writer(out: TextIO, types: list[str] | None) -> Callable[[dict[str, Any]], int]:
+    write = out.write
+    renderer = EveRenderer()
+    wanted = frozenset(types) if types else None
+
+    def write_eve(event: dict[str, Any]) -> int:
+        if wanted is not None and event["type"] not in wanted:
+            renderer.skip(event)
+            return 0
+        try:
+            records = renderer.render(event)
+        except EveRenderError as exc:
+            raise OperatorError(
+                f"event {event.get('seq')!r} of worker {event.get('worker')!r} cannot be"
+                f" written as EVE-JSON: {exc}; this is not a tlsgate event stream, or a"
+                " corrupt one"
+            ) from None
+        for record in records:
+            write(json.dumps(record, separators=_JSON_SEPARATORS) + "\n")
+        return len(records)
+
+    return write_eve
 
 
 def _json_default(value: object) -> object:
@@ -257,12 +296,13 @@ def _text(key: object) -> str:
     return key.decode("utf-8", "replace") if isinstance(key, bytes) else str(key)
 
 
-def _msgpack_writer(out: TextIO) -> Callable[[dict[str, Any]], None]:
+def _msgpack_writer(out: TextIO) -> Callable[[dict[str, Any]], int]:
     write = out.buffer.write
     pack = new_packer().pack
 
-    def write_msgpack(event: dict[str, Any]) -> None:
+    def write_msgpack(event: dict[str, Any]) -> int:
         write(pack(event))
+        return 1
 
     return write_msgpack
 

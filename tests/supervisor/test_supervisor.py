@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -236,4 +237,52 @@ def test_a_hung_worker_is_killed_after_its_heartbeat_stops_and_replaced(
             except ProcessLookupError:
                 pass  # already killed by the supervisor, as it should be
         wait_workers_ready(gw, 2)
+        assert run_load((gw.host, gw.port), origin.port, str(gw.ca_cert), total=20).failures == []
+
+
+def test_sigterm_drains_in_flight_connections_before_exiting(
+    tmp_path: Path, pki: dict[str, Path], origin: Origin
+) -> None:
+    import ssl
+
+    gw = Gateway(tmp_path, upstream_ca=pki["ca"], args=["--workers", "2"])
+    with gw:
+        wait_workers_ready(gw, 2)
+        ctx = ssl.create_default_context(cafile=str(gw.ca_cert))
+        raw = socket.create_connection((gw.host, gw.port), timeout=10)
+        raw.sendall(f"CONNECT localhost:{origin.port} HTTP/1.1\r\n\r\n".encode())
+        assert raw.recv(1024).startswith(b"HTTP/1.1 200")
+        tls = ctx.wrap_socket(raw, server_hostname="localhost")
+        assert gw.proc is not None
+        gw.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        # the gateway no longer accepts ...
+        with pytest.raises(OSError):
+            socket.create_connection((gw.host, gw.port), timeout=2).close()
+        # ... but the tunnel that was open keeps working until the client ends it
+        tls.sendall(b"GET /during-drain HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        answer = b""
+        while chunk := tls.recv(4096):
+            answer += chunk
+        tls.close()
+        assert b"hello from /during-drain" in answer
+        assert gw.proc.wait(timeout=30) == 0
+
+
+def test_drain_replaces_one_worker_and_the_old_one_exits(
+    tmp_path: Path, pki: dict[str, Path], origin: Origin
+) -> None:
+    with Gateway(tmp_path, upstream_ca=pki["ca"], args=["--workers", "2"]) as gw:
+        before = wait_workers_ready(gw, 2)["workers"]
+        result = tlsgate("drain", "1", "--state-dir", str(gw.state_dir))
+        assert result.returncode == 0, result.stderr
+        after = wait_workers_ready(gw, 2)["workers"]
+        assert after[0]["pid"] == before[0]["pid"]
+        assert after[1]["pid"] != before[1]["pid"]
+        old = before[1]["pid"]
+        end = time.monotonic() + 30
+        while Path(f"/proc/{old}").exists() and time.monotonic() < end:
+            time.sleep(0.1)
+        assert not Path(f"/proc/{old}").exists() or "zombie" in Path(
+            f"/proc/{old}/status").read_text()  # fmt: skip
         assert run_load((gw.host, gw.port), origin.port, str(gw.ca_cert), total=20).failures == []

@@ -152,3 +152,45 @@ def test_intercept_ports_installs_tlsgates_own_rules_and_removes_them_on_exit(
     assert not nft_table_exists(topology)
     rules = topology.run(topology.gateway, ["ip", "rule", "show"]).stdout.decode()
     assert "lookup 7467" not in rules
+
+
+@pytest.mark.parametrize("workers", [2, 4])
+def test_in_the_gateway_namespace_every_worker_serves_and_steering_is_counted_exactly(
+    topology: Topology, pki: dict[str, Path], tmp_path: Path, workers: int
+) -> None:
+    import json
+    import sys
+    import time
+
+    # Forwarded through netfilter, the program sometimes runs twice for one connection
+    # (seen: 1-3 extra selections per 200 with REDIRECT or TPROXY; on loopback the counts match
+    # exactly, see test_supervisor.py). Every selection beyond an accept is therefore bounded
+    # here, not zero; the cause is noted on the issue.
+    topology.gateway_nft(REDIRECT_RULES.format(port=8443))
+    args = ["--mode", "transparent", "--workers", str(workers)]
+    with (
+        Origin(pki["good_cert"], pki["good_key"], host=topology.server_ip, port=443,
+               netns=topology.server),
+        Gateway(tmp_path / "gw", upstream_ca=pki["ca"],
+                listen=f"{topology.gateway_client_ip}:8443", netns=topology.gateway,
+                args=args) as gw,
+    ):  # fmt: skip
+        urls = [f"https://server.test/n/{i}" for i in range(200)]
+        result = topology.run(topology.client, [
+            "curl", "-sS", "--http1.1", "--max-time", "60", "-H", "Connection: close",
+            "--cacert", str(gw.ca_cert), "--resolve", f"server.test:443:{topology.server_ip}",
+            *urls,
+        ], check=False, timeout=120)  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.decode().splitlines() == [f"hello from /n/{i}" for i in range(200)]
+        time.sleep(1.5)  # workers publish their counters every second
+        st = json.loads(subprocess.run(
+            [sys.executable, "-m", "tlsgate", "status", "--json", "--state-dir",
+             str(tmp_path / "gw")], capture_output=True, text=True, timeout=60, check=True,
+        ).stdout)  # fmt: skip
+        accepted = [w["accepted"] for w in st["workers"]]
+        assert sum(accepted) == 200 and all(a > 0 for a in accepted), accepted
+        assert st["steering"]["state"] == "ebpf"
+        steered = [w["steered"] for w in st["workers"]]
+        assert all(s >= a for s, a in zip(steered, accepted, strict=True)), (steered, accepted)
+        assert sum(steered) - sum(accepted) <= 5, (steered, accepted)
