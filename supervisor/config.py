@@ -21,6 +21,12 @@ File layout (every key optional)::
     subscriber_buffer = 8388608       # bytes per subscriber before it gets gap events
     group = "ids"                     # may read the detection socket (mode 0660)
 
+    [capture]                         # off unless pcap_dir is set
+    pcap_dir = "/var/lib/tlsgate/pcap"
+    cap_bytes = 1048576               # plaintext bytes per connection, then truncated
+    rotate_bytes = 67108864
+    keep = 16                         # files per worker
+
     [policy]
     bypass_domains = ["*.bank.example"]
     bypass_clients = ["10.0.5.0/24"]
@@ -92,6 +98,12 @@ class Config:
     events_subscriber_buffer: int = 8 * 1024 * 1024
     #: Group that may subscribe to the detection socket (mode 0660); "" = root's group.
     events_group: str = ""
+    #: Opt-in decrypted-traffic export: rotated pcap files per worker in this directory.
+    pcap_dir: Path | None = None
+    #: Plaintext bytes captured per connection (both directions) before truncation.
+    capture_cap: int = 1024 * 1024
+    pcap_rotate_bytes: int = 64 * 1024 * 1024
+    pcap_keep: int = 16
     bypass_domains: tuple[str, ...] = ()
     bypass_clients: tuple[str, ...] = ()
     block_domains: tuple[str, ...] = ()
@@ -189,7 +201,7 @@ def _reject_unknown(table: Mapping[str, Any], known: set[str], where: str) -> No
 _TOP = {
     "listen", "mode", "workers", "state_dir", "upstream_ca_bundle", "ca_passphrase_file",
     "events", "policy", "http", "limits", "worker_user", "steering", "steering_policy",
-    "intercept_ports", "intercept_from",
+    "intercept_ports", "intercept_from", "capture",
 }  # fmt: skip
 _POLICY = {"bypass_domains", "bypass_clients", "block_domains", "block_clients"}
 _HTTP = {"record_headers", "redact_headers"}
@@ -293,6 +305,15 @@ def build_config(data: Mapping[str, Any], where: str = "the configuration") -> C
             except KeyError:
                 raise ConfigError(f"events.group = {group!r}: no such group") from None
         kw["events_group"] = group
+    capture = _table(data, "capture", where)
+    _reject_unknown(capture, {"pcap_dir", "cap_bytes", "rotate_bytes", "keep"},
+                    f"[capture] of {where}")  # fmt: skip
+    if capture.get("pcap_dir") is not None:
+        kw["pcap_dir"] = _path(capture["pcap_dir"], "capture.pcap_dir", must_exist=False)
+    for key, field_name in (("cap_bytes", "capture_cap"), ("rotate_bytes", "pcap_rotate_bytes"),
+                            ("keep", "pcap_keep")):  # fmt: skip
+        if key in capture:
+            kw[field_name] = _positive(capture[key], f"capture.{key}", int)
     policy = _table(data, "policy", where)
     _reject_unknown(policy, _POLICY, f"[policy] of {where}")
     for key in _POLICY:

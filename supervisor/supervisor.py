@@ -113,6 +113,7 @@ class Supervisor:
             self.log,
         )
         self._check_worker_user()
+        self._prepare_pcap_dir()
         self._set_up_steering()
         self.control = ControlServer(control_socket_path(config.state_dir), self._control)
         self.rules: Any = None
@@ -149,6 +150,17 @@ class Supervisor:
                 self.signer_server.stop()
             self.hub.stop()
         return 0
+
+    def _prepare_pcap_dir(self) -> None:
+        """The capture directory: created 0750, owned by the workers' user (they write it)."""
+        path = self.config.pcap_dir
+        if path is None:
+            return
+        path.mkdir(mode=0o750, parents=True, exist_ok=True)
+        user = self.config.worker_user
+        if user and os.geteuid() == 0:
+            entry = pwd.getpwnam(user)
+            os.chown(path, entry.pw_uid, entry.pw_gid)
 
     def _check_worker_user(self) -> None:
         """Fail at startup, not in a respawn loop, if workers could not run as their user."""

@@ -130,6 +130,18 @@ class Gateway:
         events = list(unpacker)
         return [e for e in events if type_ is None or e.get("type") == type_]
 
+    def wait_match(
+        self, type_: str, match: Any, count: int = 1, timeout: float = 10.0
+    ) -> list[dict[str, Any]]:
+        """Events of ``type_`` for which ``match(event)`` is true, once ``count`` are there
+        (events of several workers reach the file in no particular order)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = [e for e in self.events(type_) if match(e)]
+            if len(found) >= count or time.monotonic() > deadline:
+                return found
+            time.sleep(0.02)
+
     def wait_events(
         self, type_: str, count: int = 1, timeout: float = 10.0
     ) -> list[dict[str, Any]]:

@@ -29,6 +29,7 @@ def _run(args: argparse.Namespace) -> int:
         "upstream_ca_bundle": args.upstream_ca_bundle,
         "ca_passphrase_file": args.ca_passphrase_file,
         "events.file": args.events_file,
+        "capture.pcap_dir": args.pcap_dir,
         "worker_user": args.worker_user,
         "steering": args.steering,
         "intercept_ports": list(parse_ports(args.intercept_ports))
@@ -81,6 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--events-file", metavar="FILE", help="also append every event (msgpack stream) to FILE"
+    )
+    run.add_argument(
+        "--pcap-dir",
+        metavar="DIR",
+        help="opt in to decrypted-traffic export: rotated pcap files per worker in DIR "
+        "(plaintext capped per connection, see [capture] in the config)",
     )
     run.add_argument(
         "--intercept-ports",

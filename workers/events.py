@@ -48,6 +48,7 @@ PROTOCOL_ERROR: Final = "protocol_error"
 POLICY: Final = "policy"
 GAP: Final = "gap"
 HELLO: Final = "hello"
+CAPTURE_DROP: Final = "capture_drop"
 
 #: Every event type of schema version 1.
 EVENT_TYPES: Final = (
@@ -59,6 +60,7 @@ EVENT_TYPES: Final = (
     POLICY,
     GAP,
     HELLO,
+    CAPTURE_DROP,
 )
 
 #: The keys every event starts with, in encoding order.

@@ -44,6 +44,7 @@ from tlsgate.workers.clienthello import ClientHello, client_hello_end, parse_cli
 from tlsgate.workers.connect import connect_established, connect_refusal, parse_connect
 from tlsgate.workers.http1 import Http1Inspector, HttpExchange, looks_like_http_request
 from tlsgate.workers.origdst import original_destination
+from tlsgate.workers.pcap import FlowSynthesizer
 from tlsgate.workers.policy import Decision
 from tlsgate.workers.relay import EndpointError, Relay, TcpEndpoint, TlsEndpoint
 from tlsgate.workers.upstream import UpstreamInfo
@@ -389,16 +390,40 @@ class Interception:
         except SSL.Error as exc:
             raise EndpointError(f"client-rejected-handshake: {_ssl_text(exc)}") from None
         self.handshake_done = time.monotonic()
-        inspector = self._make_inspector(conn.get_alpn_proto_negotiated() or None)
+        on_client, on_upstream = self._make_inspector(conn.get_alpn_proto_negotiated() or None)
+        if w.capture is not None and self.server_addr is not None:
+            on_client, on_upstream = self._capturing(w.capture, on_client, on_upstream)
         relay = Relay(
             w.loop,
             TlsEndpoint("client", self.sock, conn),
             TlsEndpoint("upstream", up.sock, up.conn),
-            inspect_client=inspector[0],
-            inspect_upstream=inspector[1],
+            inspect_client=on_client,
+            inspect_upstream=on_upstream,
         )
         relay.start()
         return relay
+
+    def _capturing(self, capture: Any, on_client: Any, on_upstream: Any) -> tuple[Any, Any]:
+        """Opt-in export: the plaintext also becomes pcap records of a synthesized TCP flow
+        with the real addresses (capped per connection; the writer never blocks)."""
+        assert self.server_addr is not None
+        flow = FlowSynthesizer(self.client_addr, self.server_addr, ts=time.time,
+                               cap=self.worker.config.capture_cap)  # fmt: skip
+        self._flow = flow
+        submit = capture.submit
+        submit(flow.open())
+
+        def client(data: bytes) -> None:
+            submit(flow.client_data(data))
+            if on_client is not None:
+                on_client(data)
+
+        def upstream(data: bytes) -> None:
+            submit(flow.server_data(data))
+            if on_upstream is not None:
+                on_upstream(data)
+
+        return client, upstream
 
     def _make_inspector(self, alpn: bytes | None) -> tuple[Any, Any]:
         """HTTP/1.1 inspection when the tunnel speaks it; opaque (byte counts) otherwise."""
@@ -518,6 +543,9 @@ class Interception:
                 self._report(inspector.finish())
             except HttpProtocolError:
                 pass  # a response cut short by the close: already counted as incomplete
+        flow = getattr(self, "_flow", None)
+        if flow is not None:
+            w.capture.submit(flow.close())
         up = self.upstream
         if up is not None:
             up.sock.close()
@@ -551,6 +579,8 @@ class Interception:
             "handshake_duration": round(self.handshake_done - self.started, 6)
             if self.handshake_done else None,
             "requests": self.requests,
+            "captured_bytes": flow.captured_bytes if flow is not None else 0,
+            "capture_truncated_bytes": flow.truncated_bytes if flow is not None else 0,
             "close_reason": self.close_reason,
         })  # fmt: skip
         w.connection_closed(self)

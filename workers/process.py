@@ -99,6 +99,16 @@ def _boot(spec: WorkerSpec):  # type: ignore[no-untyped-def]
     load_fd = spec.load_fd.detach() if spec.load_fd is not None else None  # type: ignore[attr-defined]
     from tlsgate.bpf.steering import LoadPublisher  # imported as root, like everything above
 
+    capture = None
+    if config.pcap_dir is not None:
+        from tlsgate.workers.pcap import PcapFileWriter
+
+        capture = PcapFileWriter(
+            config.pcap_dir,
+            prefix=f"tlsgate-w{spec.worker_id}",
+            rotate_bytes=config.pcap_rotate_bytes,
+            keep=config.pcap_keep,
+        )
     drop_privileges(spec.worker_user or None)
     contexts = ClientContexts(signer, key, chain, cache)
     queue = EventQueue()
@@ -106,6 +116,9 @@ def _boot(spec: WorkerSpec):  # type: ignore[no-untyped-def]
     forwarder = PipeForwarder(queue, spec.events)
     worker = Worker(spec.worker_id, config, spec.listener, validator=validator,
                     client_contexts=contexts, emitter=emitter)  # fmt: skip
+    if capture is not None:
+        capture.start()
+        worker.capture = capture
     if load_fd is not None:
         # a DupFd: the BPF map fd is close-on-exec, so spawn hands it over explicitly
         worker.load_publisher = LoadPublisher(load_fd, spec.worker_id)
@@ -115,6 +128,8 @@ def _boot(spec: WorkerSpec):  # type: ignore[no-untyped-def]
         try:
             asyncio.run(_serve(worker, spec))
         finally:
+            if capture is not None:
+                capture.close()
             forwarder.stop()
         return 0
 

@@ -71,6 +71,9 @@ class Worker:
         self.resolver = Resolver()
         #: publishes the active-connection count for least-loaded eBPF steering (or None)
         self.load_publisher: Any = None
+        #: opt-in pcap export (a PcapFileWriter) or None
+        self.capture: Any = None
+        self._capture_dropped = 0
         self.active: set[Interception] = set()
         self._next_conn = 0
         self._tasks: set[asyncio.Task[None]] = set()
@@ -158,11 +161,23 @@ class Worker:
             await asyncio.sleep(SWEEP_INTERVAL)
             # drops at the end of a burst are reported now, not at the next event
             self.emitter.flush_gap()
+            self._report_capture_drops()
             now = self.loop.time()
             for interception in list(self.active):
                 relay = interception.relay
                 if relay is not None and now - relay.last_activity > idle:
                     relay.stop("idle-timeout")
+
+    def _report_capture_drops(self) -> None:
+        """pcap records the writer could not keep up with (or the disk refused) are counted
+        and reported, never silently lost."""
+        if self.capture is None:
+            return
+        dropped = self.capture.dropped
+        if dropped > self._capture_dropped:
+            self.emit(ev.CAPTURE_DROP, {"dropped_submissions": dropped - self._capture_dropped,
+                                        "stage": "pcap-file"})  # fmt: skip
+            self._capture_dropped = dropped
 
 
 def _unmap(host: str) -> str:

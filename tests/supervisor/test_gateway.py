@@ -107,10 +107,10 @@ def test_connection_events_carry_fingerprints_versions_and_the_upstream_verdict(
 ) -> None:
     result = curl(gateway, f"https://localhost:{origin.port}/verdict", "--http1.1")
     assert result.returncode == 0, result.stderr
-    closes = [e for e in gateway.wait_events("conn_close", 1) if e["requests"] >= 1]
-    opens = {e["conn"]: e for e in gateway.events("conn_open")}
-    close = next(e for e in closes if opens.get(e["conn"], {}).get("sni") == "localhost")
-    opened = opens[close["conn"]]
+    http = gateway.wait_match("http", lambda e: e["path"] == "/verdict")
+    conn = http[0]["conn"]
+    close = gateway.wait_match("conn_close", lambda e: e["conn"] == conn)[0]
+    opened = gateway.wait_match("conn_open", lambda e: e["conn"] == conn)[0]
     assert opened["decision"] == "intercept"
     assert opened["ja4"].startswith("t13d")
     assert len(opened["ja3_hash"]) == 32
@@ -130,10 +130,10 @@ def test_an_untrusted_upstream_gets_502_with_the_reason_and_no_certificate_is_mi
     result = curl(gateway, f"https://localhost:{untrusted_origin.port}/", "-v")
     assert result.returncode != 0
     assert "502" in result.stderr
-    refused = [e for e in gateway.wait_events("upstream_refused", 1)
-               if e["server_port"] == untrusted_origin.port]  # fmt: skip
+    mine = lambda e: e["server_port"] == untrusted_origin.port  # noqa: E731
+    refused = gateway.wait_match("upstream_refused", mine)
     assert refused and refused[0]["category"] in {"untrusted-root", "self-signed"}
-    closes = [e for e in gateway.events("conn_close") if e["server_port"] == untrusted_origin.port]
+    closes = gateway.wait_match("conn_close", mine)
     assert closes and closes[0]["client_tls_version"] is None
     assert closes[0]["upstream_verdict"] == "refused"
 
