@@ -233,6 +233,26 @@ def _gateway_ready(port: int, state: Path, workers: int) -> Callable[[], bool]:
     return check
 
 
+def _drain_stalled(sock: socket.socket) -> None:
+    import msgpack
+
+    sock.settimeout(2.0)
+    unpacker = msgpack.Unpacker(raw=False)
+    received = missed = 0
+    try:
+        while chunk := sock.recv(1 << 20):
+            unpacker.feed(chunk)
+            for event in unpacker:
+                if event["type"] == "gap":
+                    missed += event["dropped"]
+                elif event["worker"] >= 0:
+                    received += 1
+    except TimeoutError:
+        pass
+    print(f"stalled subscriber: then received {received} events and gap events for {missed} "
+          f"more", flush=True)  # fmt: skip
+
+
 def _names(
     pool: object, clients: int, proxy: int, origin: int, d: Path, gw_pid: int, names: int
 ) -> Result:
@@ -374,6 +394,7 @@ def run(
     profile: bool = False,
     workers: int = 1,
     names: int = 1000,
+    stalled_subscriber: bool = False,
 ) -> list[Result]:
     if shutil.which("nginx") is None:
         raise SystemExit("nginx is not installed: apt-get install nginx-light")
@@ -399,6 +420,14 @@ def run(
              f"127.0.0.1:{proxy_port}", "--upstream-ca-bundle", str(d / "ca.pem"),
              "--workers", str(workers)],
             _gateway_ready(proxy_port, d / "state", workers), gw_cpus))  # fmt: skip
+        stalled = None
+        if stalled_subscriber:
+            # an IDS that stops reading: it must not slow the gateway, and must later learn
+            # exactly what it missed from gap events
+            stalled = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            stalled.connect(str(d / "state" / "run" / "events.sock"))
+            stack.callback(stalled.close)
         print(f"gateway pid {gw_pid} on CPU {gw_cpus or 'any'}; {clients} client processes; "
               f"{seconds:.0f} s per scenario", flush=True)  # fmt: skip
         with multiprocess.Pool(clients) as pool:
@@ -439,6 +468,8 @@ def run(
                 if spy is not None and (d / f"profile-{scenario}.txt").exists():
                     for name, share in hottest(d / f"profile-{scenario}.txt"):
                         print(f"    {share:6.1%}  {name}", flush=True)
+        if stalled is not None:
+            _drain_stalled(stalled)
         tree = process_tree(gw_pid)
         print(f"RSS: supervisor {rss_mib(gw_pid)} MiB; its children (workers, and "
               "multiprocess's resource tracker) "
@@ -461,6 +492,11 @@ def main(argv: list[str] | None = None) -> int:
         "--names", type=int, default=1000, help="distinct server names in the names scenario (1000)"
     )
     parser.add_argument("--workers", type=int, default=1, help="gateway workers (1)")
+    parser.add_argument(
+        "--stalled-subscriber",
+        action="store_true",
+        help="keep a detection-socket subscriber that reads nothing during the run",
+    )
     parser.add_argument("--json", action="store_true", help="print results as JSON too")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     parser.add_argument(
@@ -471,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     scenarios = ["newconn", "keepalive", "bulk"] if args.scenario == "all" else [args.scenario]
     results = run(args.seconds, args.clients, scenarios, args.keep, args.profile, args.workers,
-                  args.names)  # fmt: skip
+                  args.names, args.stalled_subscriber)  # fmt: skip
     if args.json:
         print(json.dumps([r.__dict__ for r in results]))
     return 1 if any(r.errors for r in results) else 0
