@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import logging
 import socket
 import time
 from dataclasses import dataclass, field
@@ -51,6 +52,8 @@ from tlsgate.workers.upstream import UpstreamInfo
 
 if TYPE_CHECKING:
     from tlsgate.workers.worker import Worker
+
+logger = logging.getLogger(__name__)
 
 #: ALPN offered upstream while validating for a CONNECT, before the client's offer is known.
 PREFLIGHT_ALPN = (b"h2", b"http/1.1")
@@ -142,6 +145,10 @@ class Interception:
             self.close_reason = exc.reason
         except OSError as exc:
             self.close_reason = f"error: {exc.strerror or exc}"
+        except Exception:
+            # a bug must cost one connection, never the worker: report it loudly
+            logger.exception("connection %s: internal error", self.conn_id)
+            self.close_reason = "error: internal (see the gateway's log)"
         finally:
             self._close()
 

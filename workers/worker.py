@@ -132,8 +132,12 @@ class Worker:
                 self.stats.over_limit += 1
                 sock.close()
                 continue
-            sock.setblocking(False)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            try:
+                sock.setblocking(False)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                sock.close()  # reset between accept and here: nothing to serve
+                continue
             self.stats.accepted += 1
             self.stats.active += 1
             if self.load_publisher is not None:
