@@ -322,3 +322,40 @@ def test_curl_trusts_the_certificate_that_tlsgate_ca_export_prints(
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert result.stdout == "hello from /exported\n"
+
+
+def hello_through_tunnel(
+    gw: Gateway, connect_host: str, port: int, sni: str
+) -> tuple[x509.Certificate | None, str]:
+    """CONNECT to ``connect_host`` then a TLS handshake offering ``sni``: the leaf the
+    gateway presented (or None) and the error text if the handshake failed."""
+    ctx = ssl.create_default_context(cafile=str(gw.ca_cert))
+    raw = socket.create_connection((gw.host, gw.port), timeout=10)
+    raw.sendall(f"CONNECT {connect_host}:{port} HTTP/1.1\r\n\r\n".encode())
+    head = raw.recv(1024)
+    assert head.startswith(b"HTTP/1.1 200"), head
+    try:
+        with ctx.wrap_socket(raw, server_hostname=sni) as tls:
+            der = tls.getpeercert(binary_form=True)
+            assert der is not None
+            return x509.load_der_x509_certificate(der), ""
+    except ssl.SSLError as exc:
+        return None, str(exc)
+
+
+def test_an_sni_other_than_the_connect_host_is_validated_itself_and_gets_its_own_leaf(
+    gateway: Gateway, origin: Origin
+) -> None:
+    leaf, error = hello_through_tunnel(gateway, "127.0.0.1", origin.port, "server.test")
+    assert error == "" and leaf is not None
+    names = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "server.test" in names.get_values_for_type(x509.DNSName)
+
+
+def test_an_sni_the_upstream_certificate_does_not_cover_is_refused_after_the_tunnel_opened(
+    gateway: Gateway, origin: Origin
+) -> None:
+    leaf, error = hello_through_tunnel(gateway, "localhost", origin.port, "bank.example")
+    assert leaf is None and "alert" in error.lower()
+    refused = gateway.wait_match("upstream_refused", lambda e: e["name"] == "bank.example")
+    assert refused and refused[0]["category"] == "hostname-mismatch"
