@@ -26,6 +26,7 @@ File layout (every key optional)::
     cap_bytes = 1048576               # plaintext bytes per connection, then truncated
     rotate_bytes = 67108864
     keep = 16                         # files per worker
+    pcap_over_ip = "127.0.0.1:57012"  # worker k streams on port 57012 + k (no auth: local only)
 
     [policy]
     bypass_domains = ["*.bank.example"]
@@ -103,6 +104,8 @@ class Config:
     #: Plaintext bytes captured per connection (both directions) before truncation.
     capture_cap: int = 1024 * 1024
     pcap_rotate_bytes: int = 64 * 1024 * 1024
+    #: Opt-in PCAP-over-IP: worker k streams its records on port + k of this address.
+    pcap_over_ip: tuple[str, int] | None = None
     pcap_keep: int = 16
     bypass_domains: tuple[str, ...] = ()
     bypass_clients: tuple[str, ...] = ()
@@ -306,8 +309,10 @@ def build_config(data: Mapping[str, Any], where: str = "the configuration") -> C
                 raise ConfigError(f"events.group = {group!r}: no such group") from None
         kw["events_group"] = group
     capture = _table(data, "capture", where)
-    _reject_unknown(capture, {"pcap_dir", "cap_bytes", "rotate_bytes", "keep"},
+    _reject_unknown(capture, {"pcap_dir", "cap_bytes", "rotate_bytes", "keep", "pcap_over_ip"},
                     f"[capture] of {where}")  # fmt: skip
+    if capture.get("pcap_over_ip") is not None:
+        kw["pcap_over_ip"] = parse_listen(capture["pcap_over_ip"], "capture.pcap_over_ip")
     if capture.get("pcap_dir") is not None:
         kw["pcap_dir"] = _path(capture["pcap_dir"], "capture.pcap_dir", must_exist=False)
     for key, field_name in (("cap_bytes", "capture_cap"), ("rotate_bytes", "pcap_rotate_bytes"),

@@ -30,6 +30,7 @@ def _run(args: argparse.Namespace) -> int:
         "ca_passphrase_file": args.ca_passphrase_file,
         "events.file": args.events_file,
         "capture.pcap_dir": args.pcap_dir,
+        "capture.pcap_over_ip": args.pcap_over_ip,
         "worker_user": args.worker_user,
         "steering": args.steering,
         "intercept_ports": list(parse_ports(args.intercept_ports))
@@ -88,6 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="opt in to decrypted-traffic export: rotated pcap files per worker in DIR "
         "(plaintext capped per connection, see [capture] in the config)",
+    )
+    run.add_argument(
+        "--pcap-over-ip",
+        metavar="ADDR:PORT",
+        help="opt in to PCAP-over-IP: worker k streams decrypted traffic on PORT+k "
+        "(unauthenticated: keep it on loopback or a management network)",
     )
     run.add_argument(
         "--intercept-ports",

@@ -1102,3 +1102,28 @@ class PcapOverIpServer:
         self._listener.close()
         self._wake_r.close()
         self._wake_w.close()
+
+
+class TeeSink:
+    """Hands every submission to several sinks (pcap files and PCAP-over-IP)."""
+
+    def __init__(self, *sinks: PcapFileWriter | PcapOverIpServer) -> None:
+        self.sinks = sinks
+
+    def submit(self, records: bytes) -> bool:
+        ok = True
+        for sink in self.sinks:
+            ok = sink.submit(records) and ok
+        return ok
+
+    @property
+    def dropped(self) -> int:
+        return sum(sink.dropped for sink in self.sinks)
+
+    def start(self) -> None:
+        for sink in self.sinks:
+            sink.start()
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            sink.close()

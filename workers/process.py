@@ -100,15 +100,23 @@ def _boot(spec: WorkerSpec):  # type: ignore[no-untyped-def]
     from tlsgate.bpf.steering import LoadPublisher  # imported as root, like everything above
 
     capture = None
-    if config.pcap_dir is not None:
-        from tlsgate.workers.pcap import PcapFileWriter
+    if config.pcap_dir is not None or config.pcap_over_ip is not None:
+        from tlsgate.workers.pcap import PcapFileWriter, PcapOverIpServer, TeeSink
 
-        capture = PcapFileWriter(
-            config.pcap_dir,
-            prefix=f"tlsgate-w{spec.worker_id}",
-            rotate_bytes=config.pcap_rotate_bytes,
-            keep=config.pcap_keep,
-        )
+        sinks: list[PcapFileWriter | PcapOverIpServer] = []
+        if config.pcap_dir is not None:
+            sinks.append(
+                PcapFileWriter(
+                    config.pcap_dir,
+                    prefix=f"tlsgate-w{spec.worker_id}",
+                    rotate_bytes=config.pcap_rotate_bytes,
+                    keep=config.pcap_keep,
+                )
+            )
+        if config.pcap_over_ip is not None:
+            host, port = config.pcap_over_ip
+            sinks.append(PcapOverIpServer(host, port + spec.worker_id))  # bound while root
+        capture = TeeSink(*sinks)
     drop_privileges(spec.worker_user or None)
     contexts = ClientContexts(signer, key, chain, cache)
     queue = EventQueue()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -51,3 +52,53 @@ def test_tshark_decodes_the_requests_made_through_the_gateway_from_its_pcap_file
         assert (src, dst, method) == ("127.0.0.1", "127.0.0.1", "GET")
         assert int(sport) in client_ports and int(dport) == origin.port
         assert host == f"localhost:{origin.port}"
+
+
+def test_a_pcap_over_ip_client_receives_a_stream_tshark_decodes(
+    tmp_path: Path, pki: dict[str, Path], origin: Origin
+) -> None:
+    import socket
+    import threading
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    gw = Gateway(tmp_path / "state", upstream_ca=pki["ca"],
+                 args=["--workers", "1", "--pcap-over-ip", f"127.0.0.1:{port}"])  # fmt: skip
+    received = bytearray()
+    with gw:
+        deadline = time.monotonic() + 20
+        while True:  # the worker binds it when it boots, after the banner
+            try:
+                client = socket.create_connection(("127.0.0.1", port), timeout=10)
+                break
+            except ConnectionRefusedError:
+                assert time.monotonic() < deadline, "no PCAP-over-IP listener"
+                time.sleep(0.05)
+
+        def read() -> None:
+            try:
+                while chunk := client.recv(65536):
+                    received.extend(chunk)
+            except OSError:
+                return
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        result = subprocess.run(
+            ["curl", "-sS", "--http1.1", "--max-time", "15", "--proxy", gw.proxy, "--cacert",
+             str(gw.ca_cert), f"https://localhost:{origin.port}/streamed?over=ip"],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        gw.wait_events("conn_close", 1)
+    reader.join(10)  # the gateway's exit ends the stream
+    client.close()
+    stream = tmp_path / "stream.pcap"
+    stream.write_bytes(bytes(received))
+    out = subprocess.run(
+        ["tshark", "-r", str(stream), "-Y", "http.request", "-T", "fields", "-e",
+         "http.request.method", "-e", "http.request.uri"],
+        capture_output=True, text=True, timeout=60,
+    ).stdout  # fmt: skip
+    assert out.split() == ["GET", "/streamed?over=ip"]
