@@ -351,7 +351,11 @@ class Supervisor:
             "started": self.arbiter.started,
             "reloads": self.arbiter.reloads,
             "workers": workers,
-            "steering": {**self.steering_state, "counters": counters},
+            "steering": {
+                **self.steering_state,
+                "counters": counters,
+                "prog_id": self.steering.prog_id if self.steering is not None else None,
+            },
             "cache": self._cache_status(workers),
             "events": self.hub.stats(),
             "ca": {"fingerprint_sha256": self.ca.fingerprint_sha256},

@@ -135,24 +135,24 @@ def test_a_worker_runs_unprivileged_and_cannot_open_the_ca_key(
         assert str(key) not in fds
 
 
-def bpftool_prog_names() -> list[str]:
+def bpftool_prog_ids() -> set[int]:
     out = subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True,
                          timeout=30, check=True).stdout  # fmt: skip
-    return [p.get("name", "") for p in json.loads(out)]
+    return {int(p["id"]) for p in json.loads(out) if p.get("name") == "tlsgate_steer"}
 
 
 @pytest.mark.skipif(not shutil.which("bpftool"), reason="needs bpftool")
 def test_the_steering_program_is_loaded_while_running_and_gone_after_exit(
     tmp_path: Path, pki: dict[str, Path]
 ) -> None:
-    before = bpftool_prog_names().count("tlsgate_steer")
     gw = Gateway(tmp_path, upstream_ca=pki["ca"], args=["--workers", "2", "--steering", "ebpf"])
     with gw:
         st = wait_workers_ready(gw, 2)
         assert st["steering"]["state"] == "ebpf"
-        assert bpftool_prog_names().count("tlsgate_steer") == before + 1
+        prog_id = st["steering"]["prog_id"]
+        assert prog_id in bpftool_prog_ids()
     assert gw.proc is not None and gw.proc.returncode == 0
-    assert bpftool_prog_names().count("tlsgate_steer") == before
+    assert prog_id not in bpftool_prog_ids()
 
 
 def test_without_ebpf_the_kernel_hash_steers_with_exactly_one_warning(
