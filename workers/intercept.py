@@ -135,6 +135,7 @@ class Interception:
         except TimeoutError:
             self.close_reason = "handshake-timeout"
             self._alert_if_possible(ALERT_INTERNAL_ERROR)
+            self._answer_timeout()
         except Refusal as exc:
             self.close_reason = exc.close_reason
         except ClientGone:
@@ -394,6 +395,8 @@ class Interception:
         self.client_conn = conn
         try:
             await _handshake(w.loop, self.sock, conn, None)
+        except SSL.SysCallError:
+            raise ClientGone() from None  # reset or EOF mid-handshake: gone, not a rejection
         except SSL.Error as exc:
             raise EndpointError(f"client-rejected-handshake: {_ssl_text(exc)}") from None
         self.handshake_done = time.monotonic()
@@ -510,6 +513,22 @@ class Interception:
             self.sock.shutdown(socket.SHUT_WR)
         except OSError:
             pass  # the client is gone; nothing to tell it
+
+    def _answer_timeout(self) -> None:
+        """Explicit mode before the tunnel: answer 408 (the client's CONNECT was incomplete)
+        or 504 (the upstream was too slow) instead of just closing."""
+        if self.worker.config.mode != "explicit" or self._tunnel_open or self.relay is not None:
+            return
+        limit = self.worker.config.limits.handshake_timeout
+        if self.connect_host is None:
+            answer = connect_refusal(408, f"the CONNECT request was not complete within {limit} s")
+        else:
+            target = f"{self.connect_host}:{self.connect_port}"
+            answer = connect_refusal(504, f"reaching and validating {target} took over {limit} s")
+        try:
+            self.sock.send(answer)
+        except OSError:
+            pass  # the client is gone or its window is full: the close tells it enough
 
     async def _send_all(self, data: bytes, ignore_errors: bool = False) -> None:
         try:
