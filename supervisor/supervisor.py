@@ -37,6 +37,12 @@ from tlsgate.supervisor.listeners import banner, make_listener
 from tlsgate.supervisor.signer import LeafSigner, generate_leaf_key
 from tlsgate.workers.certs import chain_to_send
 from tlsgate.workers.eventpipe import PipeSource
+from tlsgate.workers.events import (
+    SUBSCRIBER_CLOSED,
+    SUPERVISOR_WORKER_ID,
+    EventEmitter,
+    EventQueue,
+)
 from tlsgate.workers.process import WorkerSpec, worker_main
 
 TCP_MIGRATE_REQ = Path("/proc/sys/net/ipv4/tcp_migrate_req")
@@ -103,7 +109,12 @@ class Supervisor:
         self._start_signer()
         self.hub = EventHub(events_socket_path(config.state_dir), file_path=config.events_file,
                             gateway_id=f"{socket.gethostname()}:{os.getpid()}",
-                            subscriber_buffer_bytes=config.events_subscriber_buffer)  # fmt: skip
+                            subscriber_buffer_bytes=config.events_subscriber_buffer,
+                            on_subscriber_closed=self._subscriber_closed)  # fmt: skip
+        # the supervisor's own events (worker exits, lost subscribers): a source like a worker
+        own_events = EventQueue()
+        self.emitter = EventEmitter(SUPERVISOR_WORKER_ID, own_events)
+        self.hub.add_source(own_events)
         self.arbiter = Arbiter(
             config.workers,
             config.limits.drain_timeout,
@@ -111,6 +122,7 @@ class Supervisor:
             self._spawn,
             self._on_slot_socket,
             self.log,
+            report=self.emitter.emit,
         )
         self._check_worker_user()
         self._prepare_pcap_dir()
@@ -268,6 +280,13 @@ class Supervisor:
         theirs.close()
         spec.signer.close()
         slot.process = proc
+
+    def _subscriber_closed(self, reason: str, undelivered: int, undelivered_bytes: int) -> None:
+        """An IDS subscriber went away (hub thread): the others learn what it missed."""
+        self.emitter.emit(SUBSCRIBER_CLOSED, {
+            "reason": reason, "undelivered_events": undelivered,
+            "undelivered_bytes": undelivered_bytes, "subscribers": self.hub.stats()["subscribers"],
+        })  # fmt: skip
 
     def _signer_connection(self) -> socket.socket:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

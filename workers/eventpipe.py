@@ -118,6 +118,11 @@ class PipeSource:
     def __len__(self) -> int:
         return len(self._items)
 
+    @property
+    def finished(self) -> bool:
+        """The worker's end closed and every event was handed to the hub."""
+        return self.closed.is_set() and not self._items
+
     def start(self) -> None:
         self.sock.setblocking(True)
         self._thread.start()

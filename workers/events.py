@@ -49,6 +49,8 @@ POLICY: Final = "policy"
 GAP: Final = "gap"
 HELLO: Final = "hello"
 CAPTURE_DROP: Final = "capture_drop"
+WORKER_EXIT: Final = "worker_exit"
+SUBSCRIBER_CLOSED: Final = "subscriber_closed"
 
 #: Every event type of schema version 1.
 EVENT_TYPES: Final = (
@@ -61,6 +63,8 @@ EVENT_TYPES: Final = (
     GAP,
     HELLO,
     CAPTURE_DROP,
+    WORKER_EXIT,
+    SUBSCRIBER_CLOSED,
 )
 
 #: The keys every event starts with, in encoding order.
@@ -68,6 +72,10 @@ COMMON_FIELDS: Final = ("type", "version", "ts", "worker", "seq")
 
 #: ``worker`` of the events the hub creates itself (``hello``, subscriber/file gaps).
 HUB_WORKER_ID: Final = -1
+
+#: ``worker`` of the events the supervisor creates (``worker_exit``, ``subscriber_closed``);
+#: they have their own ``seq``, counted like a worker's.
+SUPERVISOR_WORKER_ID: Final = -2
 
 #: ``stage`` values of ``gap`` events: where the events were lost.
 STAGE_WORKER_QUEUE: Final = "worker-queue"

@@ -8,8 +8,12 @@ their file descriptors and RSS (see faulty.Footprint for the tolerance)."""
 from __future__ import annotations
 
 import os
+import shutil
+import signal
 import socket
 import ssl
+import subprocess
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,19 +22,26 @@ from typing import Any
 import pytest
 
 from tests.faults.faulty import (
+    FD_TOLERANCE,
     HANG,
     RESET_IN_HANDSHAKE,
     RESET_MID_STREAM,
+    RSS_TOLERANCE_BYTES,
     SILENT_AFTER_HANDSHAKE,
     FaultyUpstream,
     Footprint,
     connect_through,
     good_request,
+    read_response,
     reset,
+    status,
     tunnel,
     wait_settled,
 )
 from tests.gateway import Gateway, Origin
+from tlsgate.loadtest.soak import ProcessSample, sample_process
+from tlsgate.supervisor.arbiter import BOOT_WINDOW
+from tlsgate.workers.pcap import DEFAULT_QUEUE_BYTES
 
 pytestmark = [
     pytest.mark.slow,
@@ -40,6 +51,9 @@ pytestmark = [
 WORKERS = 2
 WARMUP = 5
 REPETITIONS = 30
+FULL_DISK_WARMUP = 30
+BIG_BYTES = 16_000_000
+BIG = f"/bytes/{BIG_BYTES}"
 HANDSHAKE_TIMEOUT = 4.0
 IDLE_TIMEOUT = 2.0
 CONFIG = f"""
@@ -61,23 +75,29 @@ def gateway(tmp_path_factory: pytest.TempPathFactory, pki: dict[str, Path]) -> I
 
 
 def exercise(
-    gw: Gateway, origin: Origin, fault: Callable[[int], None], *, parallel: int = 8
+    gw: Gateway,
+    origin: Origin,
+    fault: Callable[[int], None],
+    *,
+    parallel: int = 8,
+    warmup: int = WARMUP,
+    rss_allowance: int = 0,
 ) -> None:
     """Warm up, then repeat ``fault`` while good requests run; no leak, nothing blocked."""
     with ThreadPoolExecutor(parallel) as pool:
-        list(pool.map(fault, range(WARMUP)))
+        list(pool.map(fault, range(warmup)))
     good_request(gw, origin.port, "/warm")
     before = Footprint.of(gw, wait_settled(gw, WORKERS))
     good: list[bytes] = []
     with ThreadPoolExecutor(parallel) as pool:
-        faults = [pool.submit(fault, WARMUP + i) for i in range(REPETITIONS)]
+        faults = [pool.submit(fault, warmup + i) for i in range(REPETITIONS)]
         for i in range(5):  # other connections are served while the faults happen
             good.append(good_request(gw, origin.port, f"/during/{i}"))
         for f in faults:
             f.result()
     assert good == [f"hello from /during/{i}\n".encode() for i in range(5)]
     after = Footprint.of(gw, wait_settled(gw, WORKERS))
-    after.assert_no_leak_since(before, REPETITIONS)
+    after.assert_no_leak_since(before, REPETITIONS, rss_allowance)
 
 
 def closes(gw: Gateway, match: Callable[[dict[str, Any]], bool]) -> list[dict[str, Any]]:
@@ -233,19 +253,20 @@ def test_a_client_that_aborts_mid_stream_is_reported_and_costs_nothing(
     gateway: Gateway, origin: Origin
 ) -> None:
     def fault(i: int) -> None:
-        tls = tunnel(gateway, origin.port)
-        tls.sendall(b"GET /bytes/4000000 HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        # a small window: the response cannot be all relayed before the reset
+        tls = tunnel(gateway, origin.port, rcvbuf=4096)
+        tls.sendall(f"GET {BIG} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())
         assert tls.recv(4096)
         reset(tls)
 
     exercise(gateway, origin, fault)
-    cut = gateway.wait_match("http", lambda e: e["path"] == "/bytes/4000000",
+    cut = gateway.wait_match("http", lambda e: e["path"] == BIG,
                              count=WARMUP + REPETITIONS)  # fmt: skip
     assert {(e["status"], e["complete"]) for e in cut} == {(200, False)}
     conns = {e["conn"] for e in cut}
     ended = closes(gateway, lambda e: e["conn"] in conns)
     assert {e["close_reason"] for e in ended} == {"client-reset"}
-    assert all(0 < e["bytes_from_server"] < 4000000 for e in ended)
+    assert all(0 < e["bytes_from_server"] < BIG_BYTES for e in ended)
 
 
 def test_an_ids_subscriber_that_vanishes_mid_stream_is_dropped_and_slows_nobody(
@@ -268,3 +289,100 @@ def test_an_ids_subscriber_that_vanishes_mid_stream_is_dropped_and_slows_nobody(
     lost = gateway.wait_match("subscriber_closed", lambda e: True, count=WARMUP + REPETITIONS)
     assert len(lost) >= WARMUP + REPETITIONS
     assert all(e["worker"] == -2 and e["undelivered_events"] >= 0 for e in lost)
+
+
+def test_a_killed_worker_is_reported_restarted_and_its_queued_connections_are_served(
+    tmp_path: Path, pki: dict[str, Path], origin: Origin
+) -> None:
+    kills = 4
+    with Gateway(tmp_path, upstream_ca=pki["ca"], args=["--workers", str(WORKERS)]) as gw:
+        st = wait_settled(gw, WORKERS)
+        assert gw.proc is not None
+        supervisor_before: ProcessSample | None = None
+        keep = tunnel(gw, origin.port)
+        keep.sendall(b"GET /keep/0 HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        assert read_response(keep) == b"hello from /keep/0\n"
+        serving = gw.wait_match("http", lambda e: e["path"] == "/keep/0")[0]["worker"]
+        victim_slot = 1 - serving
+        victims = []
+        for round_ in range(kills):
+            time.sleep(BOOT_WINDOW)  # a worker dying younger than this counts as a boot failure
+            victim = next(w["pid"] for w in st["workers"] if w["id"] == victim_slot)
+            victims.append(victim)
+            # connections accepted by the kernel into the victim's queue while it is stopped
+            os.kill(victim, signal.SIGSTOP)
+            with ThreadPoolExecutor(8) as pool:
+                queued = [pool.submit(good_request, gw, origin.port, f"/queued/{round_}/{i}")
+                          for i in range(8)]  # fmt: skip
+                time.sleep(0.5)
+                os.kill(victim, signal.SIGKILL)
+                bodies = [f.result(timeout=30) for f in queued]
+            assert bodies == [f"hello from /queued/{round_}/{i}\n".encode() for i in range(8)]
+            # the other worker's tunnel never noticed
+            keep.sendall(f"GET /keep/{round_ + 1} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())
+            assert read_response(keep) == f"hello from /keep/{round_ + 1}\n".encode()
+            st = wait_settled_except(gw, keep_open=1)
+            if round_ == 0:
+                supervisor_before = sample_process(gw.proc.pid)
+        keep.close()
+        exits = gw.wait_match("worker_exit", lambda e: True, count=kills)
+        assert [(e["worker_id"], e["pid"], e["signal"]) for e in exits] == [
+            (victim_slot, pid, "SIGKILL") for pid in victims
+        ]
+        assert all(e["worker"] == -2 and e["restart_in"] == 0 for e in exits)
+        assert [e["seq"] for e in exits] == list(range(kills))
+        assert [e["restarts"] for e in exits] == list(range(1, kills + 1))
+        st = wait_settled(gw, WORKERS)
+        slot = next(w for w in st["workers"] if w["id"] == victim_slot)
+        assert slot["restarts"] == kills and slot["pid"] not in victims
+        assert st["events"]["sources"] == WORKERS + 1  # dead workers' pipes are forgotten
+        assert supervisor_before is not None
+        after = sample_process(gw.proc.pid)
+        # kills - 1 restarts since the first sample: a descriptor per restart would show
+        assert after.fds - supervisor_before.fds <= FD_TOLERANCE, (supervisor_before, after)
+        assert after.rss_bytes - supervisor_before.rss_bytes <= RSS_TOLERANCE_BYTES
+
+
+def wait_settled_except(gw: Gateway, keep_open: int, timeout: float = 20.0) -> dict[str, Any]:
+    """Every worker up and heartbeating, with ``keep_open`` connections still open."""
+    end = time.monotonic() + timeout
+    while True:
+        st = status(gw)
+        ws = st["workers"]
+        if (all(w["alive"] and w["heartbeat_age"] < 3 for w in ws) and len(ws) == WORKERS
+                and sum(w["active"] for w in ws) == keep_open):  # fmt: skip
+            return st
+        assert time.monotonic() < end, f"the gateway did not settle: {ws}"
+        time.sleep(0.2)
+
+
+def test_a_full_disk_stops_capture_with_a_counted_event_and_interception_continues(
+    tmp_path: Path, pki: dict[str, Path], origin: Origin
+) -> None:
+    pcap_dir = tmp_path / "pcap"
+    pcap_dir.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k,mode=0750", "tlsgate-test-full",
+                    str(pcap_dir)], check=True, timeout=30)  # fmt: skip
+    try:
+        args = ["--workers", str(WORKERS), "--pcap-dir", str(pcap_dir)]
+        with Gateway(tmp_path / "state", upstream_ca=pki["ca"], args=args) as gw:
+            wait_settled(gw, WORKERS)
+
+            def fault(i: int) -> None:  # 1 MB of plaintext each: the disk fills at once
+                assert len(good_request(gw, origin.port, "/bytes/1000000")) == 1000000
+
+            # While the writer waits to retry a failed write (5 s) its queue fills, up to
+            # 16 MiB per worker, and empties at the retry: RSS may differ by that much
+            # between two samples. Descriptors are compared exactly as in the other tests.
+            exercise(gw, origin, fault, parallel=4, warmup=FULL_DISK_WARMUP,
+                     rss_allowance=DEFAULT_QUEUE_BYTES)  # fmt: skip
+            drops = gw.wait_match("capture_drop", lambda e: True, count=1)
+            assert drops and all(e["stage"] == "pcap-file" and e["dropped_submissions"] > 0
+                                 for e in drops)  # fmt: skip
+            total = FULL_DISK_WARMUP + REPETITIONS
+            served = gw.wait_match("conn_close", lambda e: e["bytes_from_server"] > 1000000,
+                                   count=total)  # fmt: skip
+            assert len(served) == total
+            assert shutil.disk_usage(pcap_dir).free < 64 * 1024  # the disk really was full
+    finally:
+        subprocess.run(["umount", "-l", str(pcap_dir)], check=False, timeout=30)
