@@ -38,6 +38,7 @@ from tlsgate.supervisor.signer import LeafSigner, generate_leaf_key
 from tlsgate.workers.certs import chain_to_send
 from tlsgate.workers.eventpipe import PipeSource
 from tlsgate.workers.events import (
+    SIGNER_RESTART,
     SUBSCRIBER_CLOSED,
     SUPERVISOR_WORKER_ID,
     EventEmitter,
@@ -67,6 +68,7 @@ class Supervisor:
         self._migrate_saved: str | None = None
         self._bound: tuple[str, int] | None = None
         self.signer_server: Any = None
+        self.signer_restarts = 0
 
     def log(self, message: str) -> None:
         self.out.write(f"tlsgate: {message}\n")
@@ -150,7 +152,7 @@ class Supervisor:
             banner(config, first.getsockname(), self.ca, self.ca_created, self.out)
             if self.steering_state["reason"]:
                 self.log(self.steering_state["reason"])
-            self.arbiter.run(on_reload=self._reload, tick=lambda: None)
+            self.arbiter.run(on_reload=self._reload, tick=self._keep_signer)
         finally:
             if self.rules is not None:
                 self.rules.remove()
@@ -280,6 +282,23 @@ class Supervisor:
         theirs.close()
         spec.signer.close()
         slot.process = proc
+
+    def _keep_signer(self) -> None:
+        """The signer thread died: a new one, an event, and new workers (who could not
+        reconnect by path after dropping root); see supervisor/signer_keeper.py."""
+        from tlsgate.supervisor.signer_keeper import revive
+
+        if self.signer_server is None or self.arbiter.stopping:
+            return
+        revived = revive(self.signer_server)
+        if revived is None:
+            return
+        self.signer_server, reason = revived
+        self.signer_restarts += 1
+        self.log(f"the signer service died ({reason}); restarted it, replacing the workers")
+        self.emitter.emit(SIGNER_RESTART, {"reason": reason, "restarts": self.signer_restarts})
+        for slot in self.arbiter.slots:
+            self.arbiter.replace(slot, reason="signer restart")
 
     def _subscriber_closed(self, reason: str, undelivered: int, undelivered_bytes: int) -> None:
         """An IDS subscriber went away (hub thread): the others learn what it missed."""

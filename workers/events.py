@@ -51,6 +51,7 @@ HELLO: Final = "hello"
 CAPTURE_DROP: Final = "capture_drop"
 WORKER_EXIT: Final = "worker_exit"
 SUBSCRIBER_CLOSED: Final = "subscriber_closed"
+SIGNER_RESTART: Final = "signer_restart"
 
 #: Every event type of schema version 1.
 EVENT_TYPES: Final = (
@@ -65,6 +66,7 @@ EVENT_TYPES: Final = (
     CAPTURE_DROP,
     WORKER_EXIT,
     SUBSCRIBER_CLOSED,
+    SIGNER_RESTART,
 )
 
 #: The keys every event starts with, in encoding order.
@@ -73,7 +75,8 @@ COMMON_FIELDS: Final = ("type", "version", "ts", "worker", "seq")
 #: ``worker`` of the events the hub creates itself (``hello``, subscriber/file gaps).
 HUB_WORKER_ID: Final = -1
 
-#: ``worker`` of the events the supervisor creates (``worker_exit``, ``subscriber_closed``);
+#: ``worker`` of the events the supervisor creates (``worker_exit``, ``subscriber_closed``,
+#: ``signer_restart``);
 #: they have their own ``seq``, counted like a worker's.
 SUPERVISOR_WORKER_ID: Final = -2
 

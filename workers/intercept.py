@@ -39,6 +39,7 @@ from tlsgate.errors import (
     UpstreamRefused,
 )
 from tlsgate.supervisor.signer import LeafRequest
+from tlsgate.supervisor.signer_service import SignerUnavailable
 from tlsgate.workers import events as ev
 from tlsgate.workers.certs import ClientSideState
 from tlsgate.workers.clienthello import ClientHello, client_hello_end, parse_client_hello
@@ -144,6 +145,10 @@ class Interception:
             self._protocol_error(exc)
         except EndpointError as exc:
             self.close_reason = exc.reason
+        except SignerUnavailable:
+            # no certificate can be minted (the supervisor restarts the signer): refuse
+            self.close_reason = "signer-unavailable"
+            self._alert_if_possible(ALERT_INTERNAL_ERROR)
         except OSError as exc:
             self.close_reason = f"error: {exc.strerror or exc}"
         except Exception:
