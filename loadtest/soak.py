@@ -11,7 +11,8 @@ every worker every ``--interval`` seconds.
 Criterion (per process and per measure: descriptors, RSS): the first quarter of the run
 (or ``--warmup`` seconds) is warm-up and is not judged. Over the rest, the least-squares
 slope, projected over that part, must stay below the tolerance (RSS: ``max(2 MiB, 5 %)`` of
-the post-warm-up level; descriptors: 4), and the final value must be within the same
+the post-warm-up level; descriptors: 4 plus 3 per client, the connections in flight when a
+sample is taken), and the final value must be within the same
 tolerance of the first post-warm-up value (medians of three samples, against noise). A
 process replaced during the run (new PID) fails it too: no fault of the mix should kill
 one. The run fails (exit 1, one line per breach) otherwise, or when the load itself failed
@@ -40,6 +41,9 @@ WARMUP_SHARE = 0.25
 RSS_TOLERANCE_BYTES = 2 * 1024 * 1024
 RSS_TOLERANCE_SHARE = 0.05
 FD_TOLERANCE = 4
+#: Descriptors one client's connection in flight may hold in a worker (client, upstream,
+#: and a spare): sampled under load, the count moves by this much per client.
+FDS_PER_CLIENT = 3
 
 
 @dataclass(frozen=True)
@@ -98,7 +102,9 @@ def _slope(ts: list[float], values: list[float]) -> float:
     return sum((t - mean_t) * (v - mean_v) for t, v in zip(ts, values, strict=True)) / den
 
 
-def judge(samples: list[Sample], warmup: float) -> tuple[list[Verdict], list[str]]:
+def judge(
+    samples: list[Sample], warmup: float, fd_tolerance: int = FD_TOLERANCE
+) -> tuple[list[Verdict], list[str]]:
     """Apply the module's criterion to what was sampled after ``warmup`` seconds; return
     the verdicts and the breaches in words."""
     problems: list[str] = []
@@ -120,7 +126,7 @@ def judge(samples: list[Sample], warmup: float) -> tuple[list[Verdict], list[str
             if measure == "rss":
                 tolerance = max(RSS_TOLERANCE_BYTES, RSS_TOLERANCE_SHARE * baseline)
             else:
-                tolerance = FD_TOLERANCE
+                tolerance = fd_tolerance
             growth = _slope(ts, values) * (ts[-1] - ts[0])
             verdict = Verdict(name, measure, baseline, final, growth, tolerance)
             verdicts.append(verdict)
@@ -277,7 +283,7 @@ def run(
             time.sleep(max(0.0, min(interval, end - time.monotonic())))
         for t in threads:
             t.join(30)
-    verdicts, problems = judge(samples, warmup)
+    verdicts, problems = judge(samples, warmup, FD_TOLERANCE + FDS_PER_CLIENT * clients)
     for verdict in verdicts:
         print(verdict.line())
     print(f"load: {counts.requests} requests on {counts.connections} connections, "
