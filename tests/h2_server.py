@@ -87,8 +87,8 @@ async def http(scope: Scope, receive: Any, send: Any) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--cert", required=True)
-    p.add_argument("--key", required=True)
+    p.add_argument("--cert")
+    p.add_argument("--key")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--h1-only", action="store_true")
@@ -99,9 +99,12 @@ def main() -> None:
     sock.listen(128)
     sock.set_inheritable(True)
     config = Config()
-    config.bind = [f"fd://{sock.fileno()}"]
-    config.certfile = args.cert
-    config.keyfile = args.key
+    if args.cert:
+        config.bind = [f"fd://{sock.fileno()}"]
+        config.certfile = args.cert
+        config.keyfile = args.key
+    else:  # cleartext (h2c with prior knowledge): for recording byte streams
+        config.insecure_bind = [f"fd://{sock.fileno()}"]
     config.alpn_protocols = ["http/1.1"] if args.h1_only else ["h2", "http/1.1"]
     config.accesslog = None
     config.errorlog = None

@@ -145,8 +145,9 @@ def test_websocket_over_http1_echo_round_trip_gives_upgrade_and_message_events(
 
     async def session() -> list[Any]:
         uri = f"wss://localhost:{h2_origin.port}/chat"
-        async with connect(uri, ssl=ctx, proxy=gateway.proxy, open_timeout=10,
-                           compression=None) as ws:  # sizes as sent (no deflate)
+        async with connect(
+            uri, ssl=ctx, proxy=gateway.proxy, open_timeout=10, compression=None
+        ) as ws:  # sizes as sent (no deflate)
             await ws.send("hello")
             first = await ws.recv()
             await ws.send(b"\x00\x01" * 3000)  # 6000 bytes: a 16-bit length
