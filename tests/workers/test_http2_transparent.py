@@ -46,8 +46,8 @@ def test_h2load_multiplexed_streams_and_nghttp_server_push_through_a_transparent
                 args=["--mode", "transparent", "--workers", "1"]) as gw,
     ):  # fmt: skip
         url = f"https://{topology.server_ip}"
-        load = topology.run(topology.client, ["h2load", "-n", "40", "-c", "2", "-m", "10",
-                                              f"{url}/size/1000"], check=False, timeout=60)  # fmt: skip
+        h2load = ["h2load", "-n", "40", "-c", "2", "-m", "10", f"{url}/size/1000"]
+        load = topology.run(topology.client, h2load, check=False, timeout=60)
         out = load.stdout.decode()
         assert load.returncode == 0, out + load.stderr.decode()
         assert "40 succeeded" in out and "Application protocol: h2" in out
