@@ -26,6 +26,7 @@ from tlsgate.errors import HttpProtocolError, RemoteProtocolError
 from tlsgate.workers import events as ev
 from tlsgate.workers.http1 import Http1Inspector, HttpExchange
 from tlsgate.workers.http2 import Http2Inspector, Http2ProtocolError, Report
+from tlsgate.workers.relay import EndpointError, Relay, WouldBlock
 from tlsgate.workers.websocket import (
     WebSocketInspector,
     WebSocketMessage,
@@ -35,7 +36,14 @@ from tlsgate.workers.websocket import (
     opened_fields,
 )
 
-__all__ = ["Http1Session", "Inspector", "error_stage", "event_of", "new_inspector"]
+__all__ = [
+    "Http1Session",
+    "Inspector",
+    "close_after_protocol_error",
+    "error_stage",
+    "event_of",
+    "new_inspector",
+]
 
 
 class Inspector(Protocol):
@@ -117,6 +125,23 @@ def new_inspector(
         return Http1Session(record_headers=record_headers, redact_headers=redact_headers,
                             ws_payload_cap=ws_payload_cap)  # fmt: skip
     return None
+
+
+def close_after_protocol_error(relay: Relay, inspector: object) -> None:
+    """End both TLS legs cleanly after a protocol error: an HTTP/2 GOAWAY (PROTOCOL_ERROR)
+    where the bytes relayed so far end at a frame boundary, then close_notify. Best effort,
+    never blocking: a leg whose socket is full, or with relayed bytes still pending (the
+    peer got a partial chunk), gets only what fits, or nothing but the TCP close."""
+    for pipe, to_client in ((relay.down, True), (relay.up, False)):
+        if pipe.pending is not None:
+            continue
+        data = inspector.goaway(to_client) if isinstance(inspector, Http2Inspector) else b""
+        try:
+            if data and pipe.dst.send(data) < len(data):
+                continue  # cut short: no close_notify after half a frame
+        except (WouldBlock, EndpointError):
+            continue
+        pipe.dst.close_write()
 
 
 def error_stage(exc: RemoteProtocolError) -> str:

@@ -148,6 +148,7 @@ class _Side:
     """Frame-reading state of one direction."""
 
     __slots__ = (
+        "at_boundary",
         "block",
         "block_flags_end_stream",
         "block_kind",
@@ -191,6 +192,8 @@ class _Side:
         self.block_stream = 0
         self.block_promised = 0
         self.block_flags_end_stream = False
+        #: the bytes fed so far (every feed that did not fail) end at a frame boundary
+        self.at_boundary = False
         #: highest stream id this side opened (client: odd requests; server: even pushes)
         self.last_stream = 0
         #: HPACK decoder for the header blocks this side sends
@@ -270,7 +273,28 @@ class Http2Inspector:
         except WebSocketProtocolError as exc:
             self._error = Http2ProtocolError(f"WebSocket over HTTP/2: {exc}")
             raise self._error from None
+        side.at_boundary = side.phase == _FRAME_HEADER and not side.hdr and side.block is None
         return out
+
+    def goaway(self, to_client: bool) -> bytes:
+        """Frames that end the connection with PROTOCOL_ERROR towards one peer, to write
+        after the bytes already relayed to it (b"" when they did not end at a frame boundary:
+        then nothing may be added).
+
+        Towards the client they come from the server's side (an empty SETTINGS first if the
+        server has not sent its preface yet); towards the server from the client's side (only
+        once the client's preface and SETTINGS went through).
+        """
+        sender = self._server if to_client else self._client
+        receiver = self._client if to_client else self._server
+        prefix = b""
+        if not sender.at_boundary:
+            if not to_client or sender.settled or sender.hdr:
+                return b""
+            prefix = _frame(SETTINGS, 0, 0, b"")  # the server preface it never sent
+        debug = b"tlsgate: protocol error, see the gateway's protocol_error event"
+        payload = receiver.last_stream.to_bytes(4, "big") + _PROTOCOL_ERROR.to_bytes(4, "big")
+        return prefix + _frame(GOAWAY, 0, 0, payload + debug)
 
     def _read(self, side: _Side, view: memoryview) -> None:
         pos, n = 0, len(view)
@@ -732,3 +756,13 @@ class Http2Inspector:
 
 
 _FOUND_NAMES: Final = frozenset({b"host", b"user-agent", b"content-type"})
+_PROTOCOL_ERROR: Final = 0x1
+
+
+def _frame(ftype: int, flags: int, stream_id: int, payload: bytes) -> bytes:
+    return (
+        len(payload).to_bytes(3, "big")
+        + bytes((ftype, flags))
+        + stream_id.to_bytes(4, "big")
+        + payload
+    )

@@ -39,7 +39,12 @@ from tlsgate.errors import (
 )
 from tlsgate.supervisor.signer import LeafRequest
 from tlsgate.workers import events as ev
-from tlsgate.workers.appinspect import error_stage, event_of, new_inspector
+from tlsgate.workers.appinspect import (
+    close_after_protocol_error,
+    error_stage,
+    event_of,
+    new_inspector,
+)
 from tlsgate.workers.certs import ClientSideState
 from tlsgate.workers.clienthello import ClientHello, client_hello_end, parse_client_hello
 from tlsgate.workers.connect import connect_established, connect_refusal, parse_connect
@@ -541,6 +546,8 @@ class Interception:
         if relay is not None and not relay.done.done():
             relay.stop(self.close_reason)
         inspector = getattr(self, "_inspector", None)
+        if relay is not None and self.close_reason == "protocol-error":
+            close_after_protocol_error(relay, inspector)
         if inspector is not None:
             try:
                 self._report(inspector.finish())

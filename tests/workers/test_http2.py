@@ -187,3 +187,26 @@ def test_recorded_streams_with_arbitrary_bytes_changed_raise_only_the_protocol_e
         replay(chunks)
     except Http2ProtocolError:
         pass
+
+
+def test_after_an_error_goaway_is_offered_only_where_the_relayed_bytes_end_on_a_frame() -> None:
+    client, _server, insp = pair()
+    client.send_headers(1, REQUEST, end_stream=True)
+    insp.feed_client(client.data_to_send())
+    insp.feed_server(bytes([0, 0, 8, 6, 0, 0, 0, 0]))  # half a PING header, relayed
+    with pytest.raises(Http2ProtocolError):
+        insp.feed_client(bytes([0, 0, 0, 4, 0, 0, 0, 0, 1]))
+    assert insp.goaway(to_client=True) == b"", "the client got a partial frame: add nothing"
+    to_server = insp.goaway(to_client=False)
+    assert to_server[:9] == bytes([0, 0, len(to_server) - 9, 7, 0, 0, 0, 0, 0])
+    assert to_server[9:17] == bytes([0, 0, 0, 0, 0, 0, 0, 1])  # no pushes; PROTOCOL_ERROR
+
+
+def test_goaway_to_a_client_the_server_never_answered_starts_with_settings() -> None:
+    insp = Http2Inspector()
+    insp.feed_client(PREFACE + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0]))
+    with pytest.raises(Http2ProtocolError):
+        insp.feed_client(bytes([0, 0, 0, 4, 0, 0, 0, 0, 1]))
+    to_client = insp.goaway(to_client=True)
+    assert to_client[:9] == bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+    assert to_client[12] == 7 and to_client[18:22] == bytes(4)  # last stream id 0

@@ -222,24 +222,41 @@ def test_websocket_over_http2_extended_connect(
     assert http["status"] == 200 and http["stream_id"] == 1
 
 
-def test_bytes_breaking_http2_give_a_protocol_error_and_close_the_connection(
+def frames(data: bytes) -> list[tuple[int, int, bytes]]:
+    """(type, stream id, payload) of the complete frames in ``data``."""
+    out, pos = [], 0
+    while pos + 9 <= len(data):
+        length = int.from_bytes(data[pos : pos + 3], "big")
+        sid = int.from_bytes(data[pos + 5 : pos + 9], "big")
+        out.append((data[pos + 3], sid, data[pos + 9 : pos + 9 + length]))
+        pos += 9 + length
+    return out
+
+
+def test_bytes_breaking_http2_give_a_protocol_error_a_goaway_and_a_clean_close(
     gateway: Gateway, h2_origin: H2Origin
 ) -> None:
     tls = tunnel((gateway.host, gateway.port), "localhost", h2_origin.port, gateway.ca_cert)
+    tls.settimeout(10)
+    received = b""
     try:
-        # the preface, then a SETTINGS frame on stream 1 (it belongs on stream 0)
-        tls.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 1]))
-        tls.settimeout(10)
-        rest = b""
+        tls.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0]))
+        for _ in range(100):  # the server's SETTINGS
+            received += tls.recv(65536)
+            if any(t == 4 for t, _, _ in frames(received)):
+                break
+        tls.sendall(bytes([0, 0, 0, 4, 0, 0, 0, 0, 1]))  # SETTINGS on stream 1: not allowed
         for _ in range(100):
-            chunk = tls.recv(65536)
+            chunk = tls.recv(65536)  # SSLEOFError here if the gateway closed without close_notify
             if not chunk:
                 break
-            rest += chunk
-    except (ssl.SSLError, OSError):
-        pass
+            received += chunk
     finally:
         tls.close()
+    goaway = [p for t, sid, p in frames(received) if t == 7 and sid == 0]
+    assert len(goaway) == 1, frames(received)
+    assert goaway[0][4:8] == b"\x00\x00\x00\x01", "error code PROTOCOL_ERROR"
+    assert b"protocol_error event" in goaway[0][8:]
     (err,) = gateway.wait_events("protocol_error", 1)
     assert err["stage"] == "http2"
     assert "SETTINGS frame on stream 1" in err["error"]
