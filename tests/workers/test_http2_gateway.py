@@ -301,3 +301,18 @@ def test_compressed_websocket_messages_and_payloads_under_content_capture(
     # the client's frame was masked on the wire; the payload is reported unmasked, so both
     # directions carry the same deflated bytes
     assert text[0]["payload"] == text[1]["payload"]
+
+
+def test_a_client_offering_only_http1_to_an_h2_server_speaks_http1_to_it(
+    gateway: Gateway, h2_origin: H2Origin
+) -> None:
+    # the upstream first validated with h2 offered gets replaced by one made with the
+    # client's own offer: both legs then negotiate http/1.1
+    result = curl(gateway, "--http1.1", "-w", "%{http_version}",
+                  f"https://localhost:{h2_origin.port}/h1")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "hello from /h1\n1.1"
+    (e,) = gateway.wait_events("http", 1)
+    assert e["http_version"] == "1.1" and e["stream_id"] is None
+    close = gateway.wait_match("conn_close", lambda c: c["conn"] == e["conn"])[0]
+    assert close["alpn"] == "http/1.1"
