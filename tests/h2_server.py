@@ -78,6 +78,8 @@ async def http(scope: Scope, receive: Any, send: Any) -> None:
     trailers = path == "/trailers" and "http.response.trailers" in scope.get("extensions", {})
     if trailers:
         headers.append((b"trailer", b"x-checksum"))
+    else:
+        headers.append((b"content-length", str(len(body)).encode()))
     await send({"type": "http.response.start", "status": 200, "headers": headers,
                 "trailers": trailers})  # fmt: skip
     await send({"type": "http.response.body", "body": body})
