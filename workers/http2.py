@@ -365,8 +365,9 @@ class Http2Inspector:
         name = _FRAME_NAMES.get(ftype, f"type 0x{ftype:02x}")
         if not side.settled:
             if ftype != SETTINGS or flags & ACK:
+                what = "a SETTINGS ACK" if ftype == SETTINGS else name
                 raise self._error_for(
-                    side, f"first frame is {name}, not SETTINGS (RFC 9113 section 3.4)"
+                    side, f"first frame is {what}, not SETTINGS (RFC 9113 section 3.4)"
                 )
             side.settled = True
         if length > side.max_frame:

@@ -310,16 +310,16 @@ class WebSocketDirection:
     # -- payload ---------------------------------------------------------------------------
     def _payload_bytes(self, chunk: memoryview) -> None:
         if self._frame_opcode == _CLOSE and len(self._close_head) < 2:
-            self._close_head += self._unmask(chunk[: 2 - len(self._close_head)], 0)
+            self._close_head += self._unmask(chunk[: 2 - len(self._close_head)])
         if self._payload_cap is not None:
             keep = self._ctl_keep if self._frame_opcode >= 0x8 else self._data_keep
             room = self._payload_cap - len(keep)
             if room > 0:
-                keep += self._unmask(chunk[:room], 0)
+                keep += self._unmask(chunk[:room])
         if self._mask:
             self._mask_pos = (self._mask_pos + len(chunk)) % 4
 
-    def _unmask(self, chunk: memoryview, _: int = 0) -> bytes:
+    def _unmask(self, chunk: memoryview) -> bytes:
         """``chunk`` (starting at the current mask position) without the client's mask."""
         mask = self._mask
         if not mask:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import h2.config
 import h2.connection
+import h2.settings
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -210,3 +211,52 @@ def test_goaway_to_a_client_the_server_never_answered_starts_with_settings() -> 
     to_client = insp.goaway(to_client=True)
     assert to_client[:9] == bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
     assert to_client[12] == 7 and to_client[18:22] == bytes(4)  # last stream id 0
+
+
+def test_a_push_promise_to_a_client_that_disabled_push_is_refused() -> None:
+    insp = Http2Inspector()
+    no_push = bytes([0, 0, 6, 4, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0, 0])  # SETTINGS_ENABLE_PUSH=0
+    insp.feed_client(PREFACE + no_push)
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    client.initiate_connection()
+    client.data_to_send()
+    client.send_headers(1, REQUEST, end_stream=True)
+    insp.feed_client(client.data_to_send())
+    insp.feed_server(bytes([0, 0, 0, 4, 0, 0, 0, 0, 0]))
+    promise = bytes([0, 0, 5, 5, 4, 0, 0, 0, 1, 0, 0, 0, 2, 0x82])  # promised 2, ":method GET"
+    with pytest.raises(Http2ProtocolError, match="client disabled push"):
+        insp.feed_server(promise)
+
+
+def test_hpack_follows_a_table_size_the_receiver_granted_in_its_settings() -> None:
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    client.local_settings = h2.settings.Settings(
+        client=True, initial_values={h2.settings.SettingCodes.HEADER_TABLE_SIZE: 65536}
+    )
+    server = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+    insp = Http2Inspector(record_headers=["x-big"])
+
+    def client_to_server() -> list[Report]:
+        data = client.data_to_send()
+        server.receive_data(data)
+        return insp.feed_client(data)
+
+    def server_to_client() -> list[Report]:
+        # not handed to the h2 client: its decoder applies its own setting only later
+        return insp.feed_server(server.data_to_send())
+
+    server.initiate_connection()
+    client.initiate_connection()
+    client_to_server()
+    server_to_client()
+    got: list[Report] = []
+    for i in range(8):  # 8 x 6000-byte values: only a table larger than 4096 indexes them
+        sid = 1 + 2 * i
+        client.send_headers(sid, REQUEST, end_stream=True)
+        client_to_server()
+        server.send_headers(sid, [(":status", "200"), ("x-big", "v" * 6000)], end_stream=True)
+        got.extend(server_to_client())
+    assert server.encoder.header_table_size == 65536
+    assert [r.response_headers for r in got if isinstance(r, HttpExchange)] == [
+        [("x-big", "v" * 6000)]
+    ] * 8
