@@ -49,6 +49,7 @@ POLICY: Final = "policy"
 GAP: Final = "gap"
 HELLO: Final = "hello"
 CAPTURE_DROP: Final = "capture_drop"
+WEBSOCKET: Final = "websocket"
 WORKER_EXIT: Final = "worker_exit"
 SUBSCRIBER_CLOSED: Final = "subscriber_closed"
 SIGNER_RESTART: Final = "signer_restart"
@@ -64,6 +65,7 @@ EVENT_TYPES: Final = (
     GAP,
     HELLO,
     CAPTURE_DROP,
+    WEBSOCKET,
     WORKER_EXIT,
     SUBSCRIBER_CLOSED,
     SIGNER_RESTART,
