@@ -277,7 +277,7 @@ def test_protocol_shaped_noise_either_parses_or_raises_the_one_declared_error(
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.integers(min_value=1, max_value=40), max_size=8))
 def test_how_a_smtp_session_is_chunked_never_changes_what_it_reports(cuts: list[int]) -> None:
-    stream_c = (b"EHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\n")
+    stream_c = b"EHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\n"
     body = b"Subject: hello\r\n\r\nline\r\n.\r\n"
     whole = SmtpDialogue(tls=True)
     expected = converse(whole, ("c", stream_c), ("s", b"250 a\r\n250 b\r\n250 c\r\n354 d\r\n"),
