@@ -67,17 +67,17 @@ def smtp_server(args: argparse.Namespace) -> None:
     from aiosmtpd.smtp import SMTP
 
     class Handler:
-        async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802 (aiosmtpd's hook name)
             return "250 2.0.0 queued"
 
-    class Refusing(SMTP):  # type: ignore[misc]
-        async def smtp_STARTTLS(self, arg: str) -> None:
+    class Refusing(SMTP):
+        async def smtp_STARTTLS(self, arg: str) -> None:  # noqa: N802 (aiosmtpd's verb name)
             await self.push("454 4.7.0 TLS not available due to temporary reason")
 
     ctx = _server_context(args.cert, args.key)
     mode = args.starttls
 
-    class Ctl(Controller):  # type: ignore[misc]
+    class Ctl(Controller):
         def factory(self) -> SMTP:
             cls = Refusing if mode == "refuse" else SMTP
             tls = ctx if mode in ("offer", "refuse") else None
@@ -242,13 +242,14 @@ def smtp_client(args: argparse.Namespace) -> dict[str, Any]:
             return _connect(args, timeout)
 
     with Client(_sni(args), args.port, timeout=15) as smtp:
-        code, banner = smtp.ehlo("client.test")
+        code, _banner = smtp.ehlo("client.test")
         offered = smtp.has_extn("starttls")
         result: dict[str, Any] = {"offered": offered, "ehlo": code}
         if args.starttls:
-            code, reply = smtp.starttls(context=_client_context(args))
+            code, _reply = smtp.starttls(context=_client_context(args))
             result["starttls"] = code
-            result["cipher"] = smtp.sock.cipher()[0] if hasattr(smtp.sock, "cipher") else None
+            cipher = getattr(smtp.sock, "cipher", None)
+            result["cipher"] = cipher()[0] if cipher is not None else None
             smtp.ehlo("client.test")
         msg = EmailMessage()
         msg["From"] = "alice@example.test"
@@ -281,7 +282,7 @@ def imap_client(args: argparse.Namespace) -> dict[str, Any]:
     imap.starttls(ssl_context=_client_context(args))
     imap.login("alice", "secret")
     imap.select("INBOX")
-    typ, data = imap.fetch("1", "(RFC822)")
+    _typ, data = imap.fetch("1", "(RFC822)")
     imap.logout()
     body = data[0][1] if isinstance(data[0], tuple) else b""
     return {"fetched": len(body), "same": body == MESSAGE}
@@ -296,7 +297,7 @@ def pop3_client(args: argparse.Namespace) -> dict[str, Any]:
     pop.stls(context=_client_context(args))
     pop.user("bob")
     pop.pass_("secret")
-    resp, lines, octets = pop.retr(1)
+    _resp, lines, octets = pop.retr(1)
     pop.quit()
     body = b"\r\n".join(lines) + b"\r\n"
     return {"retrieved": octets, "same": body == MESSAGE}

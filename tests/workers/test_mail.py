@@ -91,7 +91,8 @@ def test_smtp_pipelined_transaction_yields_envelope_size_and_subject_hash() -> N
     out = converse(
         d,
         ("c", b"EHLO client.test\r\n"), ("s", EHLO_WITHOUT_STARTTLS),
-        ("c", b"MAIL FROM:<alice@example.test> SIZE=99\r\nRCPT TO:<b@x>\r\nRCPT TO:<c@x>\r\nDATA\r\n"),
+        ("c", b"MAIL FROM:<alice@example.test> SIZE=99\r\nRCPT TO:<b@x>\r\n"),
+        ("c", b"RCPT TO:<c@x>\r\nDATA\r\n"),
         ("s", b"250 ok\r\n250 ok\r\n250 ok\r\n354 go\r\n"),
         ("c", message[:10]), ("c", message[10:] + b".\r\n"),
         ("s", b"250 queued as 42\r\n"),
@@ -158,7 +159,8 @@ def test_smtp_session_cut_inside_a_message_reports_it_incomplete() -> None:
 def test_imap_starttls_from_greeting_capabilities() -> None:
     d = ImapDialogue()
     out = converse(d, ("s", b"* OK [CAPABILITY IMAP4rev1 STARTTLS LOGINDISABLED] ready\r\n"),
-                   ("c", b"a1 STARTTLS\r\n"), ("s", b"a1 OK Begin TLS negotiation now\r\n"))  # fmt: skip
+                   ("c", b"a1 STARTTLS\r\n"),
+                   ("s", b"a1 OK Begin TLS negotiation now\r\n"))  # fmt: skip
     assert out == [Capabilities(True), StartTlsOutcome(True, "a1 OK Begin TLS negotiation now")]
 
 
