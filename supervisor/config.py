@@ -43,6 +43,7 @@ File layout (every key optional)::
     imap_ports = [143]
     pop3_ports = [110]
     max_line = 8192                   # longest command/reply line in the clear-text phase
+    negotiation_timeout = 30.0        # until STARTTLS is accepted, refused or not offered
     starttls_required = []            # server networks that must do STARTTLS (else refused)
 
     [learned_bypass]                  # off by default
@@ -155,6 +156,8 @@ class Config:
     imap_ports: tuple[int, ...] = (143,)
     pop3_ports: tuple[int, ...] = (110,)
     mail_max_line: int = 8192
+    #: Seconds the clear-text phase may take to show whether STARTTLS will be used.
+    mail_negotiation_timeout: float = 30.0
     #: Server networks STARTTLS is required from: a stripped capability or a refusal is a
     #: downgrade and the connection is refused.
     starttls_required: tuple[str, ...] = ()
@@ -241,7 +244,8 @@ _TOP = {
     "events", "policy", "http", "limits", "worker_user", "steering", "steering_policy",
     "intercept_ports", "intercept_from", "capture", "mail", "learned_bypass",
 }  # fmt: skip
-_MAIL = {"smtp_ports", "imap_ports", "pop3_ports", "max_line", "starttls_required"}
+_MAIL = {"smtp_ports", "imap_ports", "pop3_ports", "max_line", "starttls_required",
+         "negotiation_timeout"}  # fmt: skip
 _LEARNED = {"enabled", "threshold", "window", "ttl", "max_entries"}
 _POLICY = {"bypass_domains", "bypass_clients", "block_domains", "block_clients"}
 _HTTP = {"record_headers", "redact_headers"}
@@ -407,6 +411,10 @@ def _mail(mail: Mapping[str, Any], where: str) -> dict[str, Any]:
         if size < 512:
             raise ConfigError(f"mail.max_line = {size}: use at least 512 (RFC 5321's minimum)")
         kw["mail_max_line"] = size
+    if "negotiation_timeout" in mail:
+        kw["mail_negotiation_timeout"] = _positive(
+            mail["negotiation_timeout"], "mail.negotiation_timeout", float
+        )
     if "starttls_required" in mail:
         nets = _str_list(mail["starttls_required"], "mail.starttls_required")
         for net in nets:

@@ -330,8 +330,34 @@ def pinned_client(args: argparse.Namespace) -> dict[str, Any]:
                 "body": got.split(b"\r\n\r\n", 1)[-1].decode(errors="replace")}  # fmt: skip
 
 
-CLIENTS = {"smtp-client": smtp_client, "smtps-client": smtps_client, "imap-client": imap_client,
-           "pop3-client": pop3_client, "echo-client": echo_client,
+def raw_client(args: argparse.Namespace) -> dict[str, Any]:
+    """Read the greeting, send ``--send`` (hex), wait ``--wait`` seconds reading what comes
+    back; reports it and whether the gateway closed the connection."""
+    import time
+
+    with _connect(args, 15) as sock:
+        got = sock.recv(4096)
+        sock.sendall(bytes.fromhex(args.send))
+        deadline = time.monotonic() + args.wait
+        closed = False
+        while time.monotonic() < deadline:
+            sock.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                chunk = sock.recv(4096)
+            except TimeoutError:
+                break
+            except ConnectionResetError:
+                closed = True
+                break
+            if not chunk:
+                closed = True
+                break
+            got += chunk
+        return {"received": got.decode(errors="replace"), "closed": closed}
+
+
+CLIENTS = {"raw-client": raw_client, "smtp-client": smtp_client, "smtps-client": smtps_client,
+           "imap-client": imap_client, "pop3-client": pop3_client, "echo-client": echo_client,
            "pinned-client": pinned_client}  # fmt: skip
 
 
@@ -348,6 +374,8 @@ def main() -> None:
     parser.add_argument("--name", default="mail.test")
     parser.add_argument("--ca")
     parser.add_argument("--no-sni", action="store_true")
+    parser.add_argument("--send", default="")
+    parser.add_argument("--wait", type=float, default=1.0)
     args = parser.parse_args()
     if args.role == "smtp-server":
         smtp_server(args)

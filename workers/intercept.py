@@ -26,6 +26,7 @@ import ipaddress
 import logging
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -366,14 +367,35 @@ class Interception:
             w.loop,
             TcpEndpoint("client", self.sock),
             TcpEndpoint("upstream", up_sock),
-            inspect_client=lambda data: self._clear_step(clear.feed_client(data)),
-            inspect_upstream=lambda data: self._clear_step(clear.feed_server(data)),
+            inspect_client=lambda data: self._clear_step(clear.feed_client, data),
+            inspect_upstream=lambda data: self._clear_step(clear.feed_server, data),
         )
         relay.start()
+        self._deadline = w.loop.call_later(
+            w.config.mail_negotiation_timeout, self._negotiation_deadline, relay
+        )
         return relay
 
-    def _clear_step(self, step: Step) -> None:
-        """Act on the clear-text phase's decision (inside a relay callback)."""
+    def _negotiation_deadline(self, relay: Relay) -> None:
+        """The clear-text phase must reach STARTTLS, or show it will not, in bounded time."""
+        clear = self.clear
+        if relay.done.done() or clear is None or clear.settled:
+            return
+        timeout = self.worker.config.mail_negotiation_timeout
+        self._emit_mail("starttls", clear.starttls_event(
+            "timeout", downgrade=False,
+            detail=f"no STARTTLS outcome within {timeout:g} s (mail.negotiation_timeout)",
+        ))  # fmt: skip
+        relay.stop("starttls-timeout")
+
+    def _clear_step(self, feed: Callable[[bytes], Step], data: bytes) -> None:
+        """Feed the clear-text phase and act on its decision (inside a relay callback)."""
+        try:
+            step = feed(data)
+        except MailProtocolError as exc:
+            assert self.mail is not None
+            self._protocol_error(exc, stage=self.mail.value)
+            raise EndpointError("protocol-error") from None
         for type_, fields in step.events:
             self._emit_mail(type_, fields)
         if step.next is Next.SWITCH:
@@ -676,14 +698,12 @@ class Interception:
         """A client that closes right after our completed handshake, having sent nothing,
         rejected our certificate too (pinning checks that run after the handshake)."""
         relay, up = self.relay, self.upstream
-        if relay is None or up is None or self.client_conn is None or self.verdict != "valid":
+        if relay is None or up is None or self.client_conn is None or self.handshake_done is None:
             return
-        if self.handshake_done is None or (
-            relay.first_eof != "client-closed" and (self.close_reason != "client-reset")
-        ):
-            return
+        if self.verdict != "valid":
+            return  # never learn from anything but a client refusing a valid upstream's leaf
         after = time.monotonic() - self.handshake_done
-        kind = classify_close(self.close_reason, relay.up.bytes, after)
+        kind = classify_close(relay.first_eof or self.close_reason, relay.up.bytes, after)
         if kind is not None:
             self.worker.learn_rejection(up.verified_name, kind, self.conn_id)
 
@@ -734,6 +754,9 @@ class Interception:
         relay = self.relay
         if relay is not None and not relay.done.done():
             relay.stop(self.close_reason)
+        deadline = getattr(self, "_deadline", None)
+        if deadline is not None:
+            deadline.cancel()
         self._finish_mail()
         self._learn_from_quick_close()
         inspector = getattr(self, "_inspector", None)

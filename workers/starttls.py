@@ -140,6 +140,19 @@ class ClearTextPhase:
                 "required": self.required, "detail": detail,
                 "server_reply": self.server_reply}  # fmt: skip
 
+    @property
+    def settled(self) -> bool:
+        """Is it known whether this session will use STARTTLS? (Until then the phase runs
+        under ``mail.negotiation_timeout``.)"""
+        d = self.dialogue
+        return (
+            self.reported
+            or d.starttls is StartTls.ACCEPTED
+            or d.starttls is StartTls.REFUSED
+            or d.starttls_offered is False
+            or bool(set(d.commands) - GREETING_COMMANDS)
+        )
+
     def feed_client(self, data: bytes) -> Step:
         d = self.dialogue
         step = Step(events=record_events(d, d.feed_client(data)))

@@ -118,7 +118,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
         topo.gateway_nft(RULES)
         config = d / "tlsgate.toml"
         config.write_text(
-            "[mail]\nsmtp_ports = [25, 587, 2525, 2526]\n"
+            "[mail]\nsmtp_ports = [25, 587, 2525, 2526]\nnegotiation_timeout = 2.0\n"
             f'starttls_required = ["{strict_ip}/32"]\n'
             "[learned_bypass]\nenabled = true\nthreshold = 2\nwindow = 60.0\nttl = 3600.0\n"
         )
@@ -189,6 +189,31 @@ def test_stripped_starttls_for_a_server_that_requires_it_is_refused(lab: Lab) ->
     assert "lack STARTTLS" in starttls["detail"]
     (close,) = lab.events("conn_close", 25, ip=lab.strict_ip)
     assert close["close_reason"] == "starttls-downgrade"
+
+
+def test_an_over_long_clear_text_line_ends_the_connection_with_a_clear_error(lab: Lab) -> None:
+    result = lab.client("raw-client", 2525, "--send", (b"EHLO " + b"a" * 9000).hex(),
+                        "--wait", "5")  # fmt: skip
+    assert result["ok"] and result["closed"], result
+    (error,) = lab.events("protocol_error", 2525)
+    assert error["stage"] == "smtp" and "longer than 8192 bytes" in error["error"]
+    closes = lab.events("conn_close", 2525, 2)
+    assert [c["close_reason"] for c in closes if c["bytes_from_client"] > 8192] == [
+        "protocol-error"
+    ]
+
+
+def test_a_clear_text_phase_that_never_reaches_starttls_is_ended_by_its_timeout(lab: Lab) -> None:
+    # the server offers STARTTLS; the client neither uses it nor goes on: after
+    # mail.negotiation_timeout (2 s here) the gateway ends it
+    result = lab.client("raw-client", 25, "--send", b"EHLO slow.test\r\n".hex(), "--wait", "8",
+                        ip=lab.server_ip)  # fmt: skip
+    assert result["ok"] and result["closed"] and "STARTTLS" in result["received"], result
+    timeouts = [e for e in lab.events("starttls", 25, 3) if e["status"] == "timeout"]
+    assert timeouts and "negotiation_timeout" in timeouts[0]["detail"]
+    assert timeouts[0]["offered"] is True
+    closes = [e for e in lab.events("conn_close", 25, 3) if e["conn"] == timeouts[0]["conn"]]
+    assert closes[0]["close_reason"] == "starttls-timeout"
 
 
 def test_implicit_tls_smtps_is_intercepted_as_generic_tls(lab: Lab) -> None:
