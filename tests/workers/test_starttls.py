@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tlsgate.workers.mail import MailProtocolError, Protocol, new_dialogue
 from tlsgate.workers.starttls import ClearTextPhase, MailPorts, Next
@@ -104,3 +106,24 @@ def test_mail_ports_map_ports_to_protocols_and_required_networks() -> None:
     assert ports.protocol(587) is Protocol.SMTP and ports.protocol(443) is None
     assert ports.protocol(143) is Protocol.IMAP and ports.protocol(110) is Protocol.POP3
     assert ports.required("192.0.2.7") and not ports.required("198.51.100.1")
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.sampled_from(list(Protocol)),
+    st.booleans(),
+    st.lists(st.tuples(st.booleans(), st.binary(max_size=200)), max_size=20),
+)
+def test_any_bytes_give_a_decision_or_the_parsers_one_error(
+    protocol: Protocol, required: bool, chunks: list[tuple[bool, bytes]]
+) -> None:
+    phase = ClearTextPhase(new_dialogue(protocol, max_line=512), required=required)
+    try:
+        for from_client, data in chunks:
+            step = phase.feed_client(data) if from_client else phase.feed_server(data)
+            assert step.next in (Next.RELAY, Next.SWITCH, Next.REFUSE)
+            if step.next is not Next.RELAY:
+                break
+        phase.finish()
+    except MailProtocolError:
+        pass
