@@ -133,6 +133,8 @@ class Interception:
     clear_bytes: tuple[int, int] = (0, 0)
     #: what the TLS phase carried: "http/1.1", "smtp", ..., "opaque"
     app_protocol: str | None = None
+    #: mail ports: the server accepted STARTTLS and the client now speaks TLS
+    _switched: bool = False
     _tunnel_open: bool = False
     _opened: bool = False
     _hello_len: int = 0
@@ -462,7 +464,7 @@ class Interception:
             summary = summary_fields(dialogue)
             if summary is not None:
                 events.append((dialogue.protocol.value, summary))
-        elif self.clear is not None and not getattr(self, "_switched", False):
+        elif self.clear is not None and not self._switched:
             events = self.clear.finish()
         else:
             return
@@ -713,6 +715,8 @@ class Interception:
             return
         if self.worker.config.mode == "explicit" and not self._tunnel_open:
             return
+        if self.mail is not None and not self._switched:
+            return  # a mail client in its clear-text phase: TLS bytes would be garbage to it
         try:
             if self._hello_len:
                 self.sock.recv(self._hello_len)  # consume it, or close() would send RST
