@@ -173,6 +173,21 @@ def test_smtp_server_not_offering_starttls_is_relayed_in_clear_and_reported(lab:
     assert close["app_protocol"] == "smtp" and close["client_tls_version"] is None
 
 
+def test_a_fully_pipelined_smtp_session_stays_in_step(lab: Lab) -> None:
+    # commands, the message and QUIT in one write: the gateway holds the parse of what
+    # follows DATA until the server's 354, as the server itself does
+    session = (b"EHLO pipe.test\r\nMAIL FROM:<p@example.test>\r\nRCPT TO:<r@example.test>\r\n"
+               b"DATA\r\nSubject: piped\r\n\r\nbody\r\n.\r\nQUIT\r\n")  # fmt: skip
+    result = lab.client("raw-client", 2525, "--send", session.hex(), "--wait", "5")
+    assert result["ok"] and result["closed"] and "221" in result["received"], result
+    piped = lab.gw.wait_match("smtp", lambda e: e["helo"] == "pipe.test")
+    assert piped and piped[0]["mail_from"] == "p@example.test" and piped[0]["rcpt_count"] == 1
+    assert piped[0]["complete"] and piped[0]["message_bytes"] == len(
+        b"Subject: piped\r\n\r\nbody\r\n"
+    )
+    assert lab.gw.events("protocol_error") == []
+
+
 def test_starttls_answered_454_is_reported_as_a_downgrade(lab: Lab) -> None:
     result = lab.client("smtp-client", 2526)
     assert not result["ok"] and "454" in result["error"], result
