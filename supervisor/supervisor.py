@@ -399,6 +399,9 @@ def prometheus_text(status: dict[str, Any]) -> str:
     cache = status["cache"]
     metric("cert_cache_entries", "gauge", "Certificates in the shared cache.",
            [("", cache.get("size", 0))])  # fmt: skip
+    learned = status.get("learned_bypass", {}).get("entries", [])
+    metric("learned_bypass_entries", "gauge", "Names on the learned bypass list.",
+           [("", len(learned))])  # fmt: skip
     events = status["events"]
     metric("events_produced_total", "counter", "Events received from workers.",
            [("", events.get("produced", 0))])  # fmt: skip

@@ -301,6 +301,16 @@ def test_a_pinning_client_teaches_the_bypass_and_its_next_connection_is_spliced(
     assert status["enabled"] is True
     assert [e["name"] for e in status["entries"]] == ["server.test"]
     assert status["entries"][0]["spliced"] >= 1
+    text = subprocess.run(
+        [sys.executable, "-m", "tlsgate", "status", "--state-dir", str(lab.gw.state_dir)],
+        capture_output=True, text=True, timeout=60, check=True,
+    ).stdout  # fmt: skip
+    assert "learned bypass: on, 1 names" in text and "server.test  (unknown_ca x2" in text
+    metrics = subprocess.run(
+        [sys.executable, "-m", "tlsgate", "metrics", "--state-dir", str(lab.gw.state_dir)],
+        capture_output=True, text=True, timeout=60, check=True,
+    ).stdout  # fmt: skip
+    assert "tlsgate_learned_bypass_entries 1" in metrics
 
 
 def test_an_upstream_validation_failure_never_teaches_the_bypass(lab: Lab) -> None:
