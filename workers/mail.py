@@ -177,25 +177,32 @@ class _DotBody:
         self.header_done = False
 
     def feed(self, buf: bytearray) -> bool:
-        """Consume from ``buf`` up to the terminator; True when the body ended."""
-        window = self.tail + bytes(buf)
-        end = window.find(b"\r\n.\r\n")
-        if end < 0:
-            self._count(bytes(buf))
-            self.tail = window[-4:]
-            del buf[:]
-            return False
-        used = end + 5 - len(self.tail)
-        self._count(bytes(buf[:used]))
+        """Consume from ``buf`` up to the terminator; True when the body ended.
+
+        The terminator is searched in place (no copy of the chunk); only the few bytes
+        around the previous chunk's end are joined, for a terminator split across reads."""
+        edge = self.tail + bytes(buf[:4])
+        end = edge.find(b"\r\n.\r\n")
+        if end >= 0:
+            used = end + 5 - len(self.tail)
+        else:
+            found = buf.find(b"\r\n.\r\n")
+            if found < 0:
+                self._count(buf, len(buf))
+                self.tail = (self.tail + bytes(buf[-4:]))[-4:]
+                del buf[:]
+                return False
+            used = found + 5
+        self._count(buf, used)
         del buf[:used]
         self.size -= 3  # the ".\r\n" line is not part of the message
         return True
 
-    def _count(self, chunk: bytes) -> None:
-        self.size += len(chunk)
+    def _count(self, buf: bytearray, n: int) -> None:
+        self.size += n
         if not self.header_done:
             room = MAX_HEADER_BYTES - len(self.header)
-            self.header += chunk[:room]
+            self.header += buf[: min(n, room)]
             if b"\r\n\r\n" in self.header or len(self.header) >= MAX_HEADER_BYTES:
                 self.header_done = True
 
