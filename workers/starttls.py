@@ -202,7 +202,12 @@ class ClearTextPhase:
         if summary is not None:
             events.append((d.protocol.value, summary))
         if not self.reported:
-            if d.starttls_offered is False:
+            if d.starttls is StartTls.REQUESTED:
+                status, detail = (
+                    "not-completed",
+                    "the connection ended before STARTTLS was answered",
+                )
+            elif d.starttls_offered is False:
                 status, detail = "not-offered", "the server did not offer STARTTLS"
             elif d.starttls_offered is None:
                 status, detail = "not-offered", "the server never listed its capabilities"

@@ -49,6 +49,28 @@ def test_learned_names_are_spliced_until_they_expire_then_intercepted_again(
         assert decisions == ["intercept", "intercept", "bypass", "intercept"]
 
 
+def test_a_client_that_hangs_up_right_after_the_handshake_teaches_it_too(
+    tmp_path: Path, pki: dict[str, Path], origin: Origin
+) -> None:
+    # pinning libraries that check the certificate after the handshake (OkHttp's
+    # CertificatePinner, for one) complete it and then close without sending a byte
+    import socket
+
+    config = tmp_path / "tlsgate.toml"
+    config.write_text("[learned_bypass]\nenabled = true\nthreshold = 2\n")
+    with Gateway(tmp_path / "gw", upstream_ca=pki["ca"],
+                 args=["--workers", "1", "--config", str(config)]) as gw:  # fmt: skip
+        ctx = ssl.create_default_context(cafile=str(gw.ca_cert))
+        for _ in range(2):
+            with socket.create_connection((gw.host, gw.port), timeout=15) as raw:
+                raw.sendall(f"CONNECT localhost:{origin.port} HTTP/1.1\r\n\r\n".encode())
+                assert raw.recv(4096).startswith(b"HTTP/1.1 200")
+                with ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+                    assert tls.version() is not None  # the handshake completed
+        (learned,) = gw.wait_events("bypass_learned")
+        assert learned["kind"] == "closed-after-handshake" and learned["name"] == "localhost"
+
+
 def test_without_opting_in_nothing_is_learned(
     tmp_path: Path, pki: dict[str, Path], origin: Origin
 ) -> None:

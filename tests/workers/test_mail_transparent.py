@@ -188,6 +188,19 @@ def test_a_fully_pipelined_smtp_session_stays_in_step(lab: Lab) -> None:
     assert lab.gw.events("protocol_error") == []
 
 
+def test_commands_pipelined_behind_starttls_are_refused_not_relayed(lab: Lab) -> None:
+    # CVE-2011-0411's class: bytes sent in clear after STARTTLS would be taken as sent
+    # inside TLS by a vulnerable server; the gateway refuses them instead of relaying them
+    session = b"EHLO inject.test\r\nSTARTTLS\r\nMAIL FROM:<evil@example.test>\r\n"
+    result = lab.client("raw-client", 25, "--send", session.hex(), "--wait", "5")
+    assert result["ok"] and result["closed"], result
+    errors = lab.gw.wait_match("protocol_error", lambda e: "after STARTTLS" in e["error"])
+    assert errors and errors[0]["stage"] == "smtp" and errors[0]["server_port"] == 25
+    assert "220 Ready to start TLS" not in result["received"]  # the server never saw it
+    ended = lab.gw.wait_match("starttls", lambda e: e["conn"] == errors[0]["conn"])
+    assert ended and ended[0]["status"] == "not-completed"
+
+
 def test_starttls_answered_454_is_reported_as_a_downgrade(lab: Lab) -> None:
     result = lab.client("smtp-client", 2526)
     assert not result["ok"] and "454" in result["error"], result
@@ -224,10 +237,12 @@ def test_a_clear_text_phase_that_never_reaches_starttls_is_ended_by_its_timeout(
     result = lab.client("raw-client", 25, "--send", b"EHLO slow.test\r\n".hex(), "--wait", "8",
                         ip=lab.server_ip)  # fmt: skip
     assert result["ok"] and result["closed"] and "STARTTLS" in result["received"], result
-    timeouts = [e for e in lab.events("starttls", 25, 3) if e["status"] == "timeout"]
+    timeouts = lab.gw.wait_match(
+        "starttls", lambda e: e["status"] == "timeout" and e["server_port"] == 25
+    )
     assert timeouts and "negotiation_timeout" in timeouts[0]["detail"]
     assert timeouts[0]["offered"] is True
-    closes = [e for e in lab.events("conn_close", 25, 3) if e["conn"] == timeouts[0]["conn"]]
+    closes = lab.gw.wait_match("conn_close", lambda e: e["conn"] == timeouts[0]["conn"])
     assert closes[0]["close_reason"] == "starttls-timeout"
 
 
