@@ -75,6 +75,8 @@ ANOMALY_EVENTS: Final[Mapping[str, tuple[str, str]]] = {
     "smtp": ("smtp", "INVALID_SMTP"),
     "imap": ("imap", "INVALID_IMAP"),
     "pop3": ("pop3", "INVALID_POP3"),
+    "http2": ("http2", "INVALID_HTTP2"),
+    "websocket": ("websocket", "INVALID_WEBSOCKET"),
 }
 #: ``anomaly.event`` of a ``protocol_error`` whose ``stage`` is not one of the above.
 ANOMALY_OTHER: Final = "PROTOCOL_ERROR"

@@ -55,6 +55,7 @@ IMAP: Final = "imap"
 POP3: Final = "pop3"
 BYPASS_LEARNED: Final = "bypass_learned"
 BYPASS_EXPIRED: Final = "bypass_expired"
+WEBSOCKET: Final = "websocket"
 
 #: Every event type of schema version 1.
 EVENT_TYPES: Final = (
@@ -73,6 +74,7 @@ EVENT_TYPES: Final = (
     POP3,
     BYPASS_LEARNED,
     BYPASS_EXPIRED,
+    WEBSOCKET,
 )
 
 #: The keys every event starts with, in encoding order.

@@ -338,6 +338,8 @@ def test_a_protocol_error_becomes_an_applayer_anomaly_record() -> None:
         ("smtp", "smtp", "INVALID_SMTP"),
         ("imap", "imap", "INVALID_IMAP"),
         ("pop3", "pop3", "INVALID_POP3"),
+        ("http2", "http2", "INVALID_HTTP2"),
+        ("websocket", "websocket", "INVALID_WEBSOCKET"),
     ],
 )
 def test_the_anomaly_names_the_protocol_and_a_stable_token_for_the_stage(
