@@ -49,6 +49,12 @@ POLICY: Final = "policy"
 GAP: Final = "gap"
 HELLO: Final = "hello"
 CAPTURE_DROP: Final = "capture_drop"
+STARTTLS: Final = "starttls"
+SMTP: Final = "smtp"
+IMAP: Final = "imap"
+POP3: Final = "pop3"
+BYPASS_LEARNED: Final = "bypass_learned"
+BYPASS_EXPIRED: Final = "bypass_expired"
 WEBSOCKET: Final = "websocket"
 WORKER_EXIT: Final = "worker_exit"
 SUBSCRIBER_CLOSED: Final = "subscriber_closed"
@@ -65,6 +71,12 @@ EVENT_TYPES: Final = (
     GAP,
     HELLO,
     CAPTURE_DROP,
+    STARTTLS,
+    SMTP,
+    IMAP,
+    POP3,
+    BYPASS_LEARNED,
+    BYPASS_EXPIRED,
     WEBSOCKET,
     WORKER_EXIT,
     SUBSCRIBER_CLOSED,
