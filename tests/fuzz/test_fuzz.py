@@ -19,7 +19,9 @@ SHORT_RUN_INPUTS = 20000
 
 
 def test_the_targets_cover_every_parser_of_hostile_bytes() -> None:
-    assert {"clienthello", "connect", "http1", "events", "eventframe"} <= set(target_names())
+    assert {"clienthello", "connect", "http1", "http2", "events", "eventframe"} <= set(
+        target_names()
+    )
 
 
 @pytest.mark.parametrize("name", target_names())
