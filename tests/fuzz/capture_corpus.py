@@ -9,6 +9,8 @@ openssl; it overwrites the ``real-*`` files of each target)::
   to a proxy (with and without proxy credentials).
 - ``http1``: both directions of real exchanges (curl and http.client against
   http.server: GET, HEAD, POST, keep-alive, chunked upload), recorded by a TCP relay.
+- ``starttls``: SMTP, IMAP and POP3 sessions of the standard library's clients with the
+  test mail servers, with STARTTLS and in clear.
 - ``events`` / ``eventframe``: the event file of a real gateway that served requests,
   refused an upstream and a block, and the same events as worker frames.
 """
@@ -182,6 +184,17 @@ def record_exchange(client: Callable[[int], object]) -> bytes:
     """Relay one connection to an http.server, recording both directions in order."""
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        return encode(record_relay(client, server.server_address[:2]))  # type: ignore[arg-type]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def record_relay(
+    client: Callable[[int], object], upstream: tuple[str, int]
+) -> list[tuple[bool, bytes]]:
+    """Relay one connection of ``client(port)`` to ``upstream``; both directions in order."""
     parts: list[tuple[bool, bytes]] = []
     lock = threading.Lock()
     with socket.create_server(("127.0.0.1", 0)) as relay:
@@ -205,7 +218,7 @@ def record_exchange(client: Callable[[int], object]) -> bytes:
 
         def serve() -> None:
             conn, _ = relay.accept()
-            up = socket.create_connection(server.server_address[:2])  # type: ignore[arg-type]
+            up = socket.create_connection(upstream)
             threads = [threading.Thread(target=pump, args=(conn, up, True)),
                        threading.Thread(target=pump, args=(up, conn, False))]  # fmt: skip
             for t in threads:
@@ -219,9 +232,7 @@ def record_exchange(client: Callable[[int], object]) -> bytes:
         thread.start()
         client(port)
         thread.join(TIMEOUT + 5)
-    server.shutdown()
-    server.server_close()
-    return encode(parts)
+    return parts
 
 
 def http_exchanges() -> None:
@@ -254,6 +265,112 @@ def http_exchanges() -> None:
     }  # fmt: skip
     for label, client in clients.items():
         save("http1", label, record_exchange(client))
+
+
+def mail_dialogues() -> None:
+    """Real sessions between the standard library's mail clients and the test servers
+    (aiosmtpd for SMTP; tests/mailpeers.py for IMAP and POP3), with STARTTLS (the clear-text
+    phase, then TLS bytes the phase must never read) and wholly in clear (every command of
+    a session, fed to the clear-text phase and to the TLS-phase parser)."""
+    import argparse
+    import imaplib
+    import poplib
+    import smtplib
+    from email.message import EmailMessage
+
+    from tests import mailpeers
+    from tests.fuzz.targets.starttls import mode_byte
+    from tlsgate.workers.mail import Protocol
+
+    ca = trustme.CA()
+    leaf = ca.issue_cert("mail.test", "127.0.0.1")
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)
+        ca.cert_pem.write_to_path(str(d / "ca.pem"))
+        leaf.private_key_pem.write_to_path(str(d / "key.pem"))
+        leaf.cert_chain_pems[0].write_to_path(str(d / "cert.pem"))
+
+        def server(role: str, *extra: str) -> tuple[subprocess.Popen[str], int]:
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", 0))
+                port = probe.getsockname()[1]
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "tests.mailpeers", role, "--port", str(port),
+                 "--cert", str(d / "cert.pem"), "--key", str(d / "key.pem"), *extra],
+                stdout=subprocess.PIPE, text=True,
+            )  # fmt: skip
+            assert proc.stdout is not None and proc.stdout.readline().startswith("listening")
+            return proc, port
+
+        def peer_args(port: int) -> argparse.Namespace:
+            return argparse.Namespace(
+                ip="127.0.0.1",
+                port=port,
+                name="mail.test",
+                ca=str(d / "ca.pem"),
+                no_sni=False,
+                starttls=True,
+            )
+
+        def smtp_clear(port: int) -> None:
+            with smtplib.SMTP("127.0.0.1", port, timeout=TIMEOUT) as smtp:
+                smtp.ehlo("client.test")
+                msg = EmailMessage()
+                msg["From"], msg["To"], msg["Subject"] = "a@x.test", "b@x.test, c@x.test", "s"
+                msg.set_content("line one\n.leading dot\n")
+                smtp.send_message(msg)
+
+        def imap_clear(port: int) -> None:
+            # the test server keeps LOGIN for TLS (LOGINDISABLED), so in clear: what a client
+            # may do before authenticating, and a refused literal-free command
+            imap = imaplib.IMAP4("127.0.0.1", port, timeout=TIMEOUT)
+            imap.capability()
+            _ignore_errors(imap.noop)  # answered BAD by the test server: recorded all the same
+            _ignore_errors(lambda: imap.xatom("ID", '("name" "imaplib")'))
+            imap.logout()
+
+        def pop3_clear(port: int) -> None:
+            pop = poplib.POP3("127.0.0.1", port, timeout=TIMEOUT)
+            pop.capa()
+            pop.user("bob")
+            pop.pass_("secret")
+            pop.stat()
+            pop.retr(1)
+            pop.quit()
+
+        sessions = [
+            ("smtp-starttls", Protocol.SMTP, "smtp-server", ("--starttls", "offer"),
+             lambda p: mailpeers.smtp_client(peer_args(p)), False),
+            ("smtp-refused", Protocol.SMTP, "smtp-server", ("--starttls", "refuse"),
+             lambda p: _ignore_errors(lambda: mailpeers.smtp_client(peer_args(p))), False),
+            ("smtp-clear", Protocol.SMTP, "smtp-server", ("--starttls", "none"), smtp_clear,
+             True),
+            ("imap-starttls", Protocol.IMAP, "imap-server", (),
+             lambda p: mailpeers.imap_client(peer_args(p)), False),
+            ("imap-clear", Protocol.IMAP, "imap-server", (), imap_clear, True),
+            ("pop3-starttls", Protocol.POP3, "pop3-server", (),
+             lambda p: mailpeers.pop3_client(peer_args(p)), False),
+            ("pop3-clear", Protocol.POP3, "pop3-server", (), pop3_clear, True),
+        ]  # fmt: skip
+        for label, protocol, role, extra, client, clear in sessions:
+            proc, port = server(role, *extra)
+            try:
+                recorded = encode(record_relay(client, ("127.0.0.1", port)))
+            finally:
+                proc.terminate()
+                proc.wait(TIMEOUT)
+            save("starttls", label, mode_byte(protocol) + recorded)
+            save("starttls", f"{label}-required", mode_byte(protocol, required=True) + recorded)
+            if clear:
+                save("starttls", f"{label}-tls-phase", mode_byte(protocol, tls_phase=True)
+                     + recorded)  # fmt: skip
+
+
+def _ignore_errors(call: Callable[[], object]) -> None:
+    try:
+        call()
+    except Exception:  # the recorded exchange is the point, not the client's verdict
+        pass
 
 
 def event_streams() -> None:
@@ -302,6 +419,7 @@ def main() -> int:
     client_hellos()
     connect_requests()
     http_exchanges()
+    mail_dialogues()
     event_streams()
     for folder in sorted(CORPUS_ROOT.iterdir()):
         print(f"{folder.name}: {len(list(folder.iterdir()))} files")

@@ -19,7 +19,7 @@ SHORT_RUN_INPUTS = 20000
 
 
 def test_the_targets_cover_every_parser_of_hostile_bytes() -> None:
-    assert {"clienthello", "connect", "http1", "http2", "events", "eventframe"} <= set(
+    assert {"clienthello", "connect", "http1", "http2", "starttls", "events", "eventframe"} <= set(
         target_names()
     )
 
