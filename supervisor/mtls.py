@@ -11,6 +11,9 @@ Rules:
   gets a byte of application data.
 - No session resumption (no tickets, no session cache): every connection is verified
   against the current deny list.
+- :func:`client_context` is the other side (``tlsgate events --remote``, the load test,
+  scrapers written in Python): stdlib :mod:`ssl`, TLS 1.3, the server verified against
+  the events CA with its address or name checked.
 - :func:`refusal_reason` turns what a failed handshake left behind into a stable token
   for the counters: ``no-certificate``, ``untrusted-certificate``, ``expired-certificate``,
   ``revoked``, ``wrong-role``, ``handshake-failed`` (``timeout`` and ``limit`` are the
@@ -19,6 +22,7 @@ Rules:
 
 from __future__ import annotations
 
+import ssl
 from pathlib import Path
 from typing import Final
 
@@ -107,15 +111,12 @@ def server_context(
         ctx.use_privatekey_file(str(key_file))
         ctx.check_privatekey()
         ctx.load_verify_locations(str(ca_file))
-        with open(ca_file, "rb") as src:
-            anchor = crypto.X509.from_cryptography(x509.load_pem_x509_certificate(src.read()))
     except (SSL.Error, OSError, ValueError) as exc:
         raise OperatorError(
             f"cannot set up mutual TLS with certificate {cert_file}, key {key_file} and client"
             f" CA {ca_file}: {exc}; check that the files exist and belong together (`tlsgate"
             " events-ca issue-server` issues a new pair)"
         ) from exc
-    ctx.set_client_ca_list([anchor.get_subject()])
     ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, check.verify)
     ctx.set_verify_depth(2)
     return ctx
@@ -140,3 +141,19 @@ def refusal_reason(record: PeerRecord, error: Exception) -> str:
     if "did not return a certificate" in text or "certificate required" in text:
         return NO_CERTIFICATE
     return HANDSHAKE_FAILED
+
+
+def client_context(ca_file: Path, cert_file: Path, key_file: Path) -> ssl.SSLContext:
+    """A client context presenting ``cert_file``/``key_file`` and trusting only ``ca_file``."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    try:
+        ctx.load_verify_locations(cafile=str(ca_file))
+        ctx.load_cert_chain(str(cert_file), str(key_file))
+    except (OSError, ssl.SSLError) as exc:
+        raise OperatorError(
+            f"cannot use the certificate {cert_file}, key {key_file} and CA {ca_file}:"
+            f" {getattr(exc, 'strerror', None) or exc}; use the three files `tlsgate events-ca"
+            " issue-subscriber NAME --out DIR` wrote (DIR/cert.pem, DIR/key.pem, DIR/ca.pem)"
+        ) from exc
+    return ctx
