@@ -566,3 +566,20 @@ def revoke(state_dir: Path, name_or_serial: str) -> list[IssuedCertificate]:
             out.flush()
             os.fsync(out.fileno())
     return matches
+
+
+def listener_files(
+    state_dir: Path, host: str, what: str, *, ca_file: Path | None = None,
+    cert_file: Path | None = None, key_file: Path | None = None,
+) -> tuple[Path, Path, Path, bool]:  # fmt: skip
+    """``(client CA, server cert, server key, issued_now)`` for a management listener on
+    ``host``, every file checked (see the module rules); CAError saying what to do."""
+    if ca_file is None:
+        ca_file = load_events_ca(state_dir, need_key=False).cert_path
+    else:
+        check_trust_anchor(state_dir, ca_file, f"the client CA of {what}")
+    if cert_file is None or key_file is None:
+        cert_file, key_file, issued = ensure_server_certificate(state_dir, host)
+        return ca_file, cert_file, key_file, issued
+    check_server_pair(state_dir, cert_file, key_file, what)
+    return ca_file, cert_file, key_file, False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import shutil
 import socket
 import ssl
@@ -220,7 +221,7 @@ def test_a_scraper_certificate_cannot_subscribe(
 def test_revoking_a_certificate_disconnects_its_subscriber_and_refuses_it_afterwards(
     pki: Pki, hub: tuple[EventHub, EventEmitter, Path]
 ) -> None:
-    server, emitter, _ = hub
+    server, _, _ = hub
     address = server.remote_address
     assert address is not None
     bundle = pki.client("ids-revoked")
@@ -270,13 +271,15 @@ def test_a_slow_remote_subscriber_gets_gaps_that_add_up_and_a_fast_one_loses_not
     for n in range(total):
         emitter.emit(HTTP, {"n": n, "pad": "x" * 600})
         if n % 20 == 19:  # the producer waits for the fast reader, never for the slow one
-            wait_for(lambda n=n: len(fast.events) >= n + 2)
+            wait_for(functools.partial(lambda want: len(fast.events) >= want, n + 2))
     reader.join(TIMEOUT)
     wait_for(lambda: server.stats()["dropped"]["subscriber"] > 0)
     slow.read_until(
-        lambda events: sum(e["worker"] == 0 for e in events)
-        + sum(e["dropped"] for e in events if e["type"] == "gap")
-        >= total
+        lambda events: (
+            sum(e["worker"] == 0 for e in events)
+            + sum(e["dropped"] for e in events if e["type"] == "gap")
+            >= total
+        )
     )
     fast.close()
     slow.close()
