@@ -350,7 +350,9 @@ class Supervisor:
         """New configuration and CA; the arbiter then replaces the workers one at a time."""
         if self._reload_config is not None:
             new = self._reload_config()  # a bad file raises: the running workers stay
-            fixed = ("listen", "mode", "workers", "state_dir", "steering", "steering_policy")
+            fixed = ("listen", "mode", "workers", "state_dir", "steering", "steering_policy",
+                     "events_remote_listen", "events_remote_ca", "events_remote_cert",
+                     "events_remote_key", "metrics_listen", "metrics_mtls")  # fmt: skip
             changed = [k for k in fixed if getattr(new, k) != getattr(self.config, k)]
             if changed:
                 self.log(f"reload: {', '.join(changed)} cannot change while running; "

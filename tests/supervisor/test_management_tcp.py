@@ -160,6 +160,38 @@ def test_tlsgate_events_remote_prints_the_stream_and_refused_clients_are_counted
         assert status(state_dir)["events"]["remote"]["refused"]["wrong-role"] == 1
 
 
+def test_a_certificate_revoked_then_reloaded_is_disconnected_and_refused_afterwards(
+    tmp_path: Path, state_dir: Path, pki: dict[str, Path]
+) -> None:
+    bundle = issue(state_dir, "ids-gone", tmp_path)
+    keeper = issue(state_dir, "ids-kept", tmp_path)
+    args = ["--workers", "1", "--events-remote-listen", "127.0.0.1:0"]
+    with Gateway(state_dir, upstream_ca=pki["ca"], args=args):
+        address = host_port(status(state_dir)["events"]["remote"]["listen"])
+        gone, kept = RemoteReader(address, bundle), RemoteReader(address, keeper)
+        for sub in (gone, kept):
+            sub.wait(lambda ev: any(e["type"] == "hello" for e in ev))
+        tlsgate = [sys.executable, "-m", "tlsgate"]
+        sd = ["--state-dir", str(state_dir)]
+        subprocess.run([*tlsgate, "events-ca", "revoke", "ids-gone", *sd], check=True,
+                       capture_output=True, timeout=TIMEOUT)  # fmt: skip
+        assert status(state_dir)["events"]["subscribers"] == 2  # effective on reload only
+        subprocess.run([*tlsgate, "reload", *sd], check=True, capture_output=True,
+                       timeout=TIMEOUT)  # fmt: skip
+        deadline = time.monotonic() + TIMEOUT
+        while status(state_dir)["events"]["subscribers"] != 1:
+            assert time.monotonic() < deadline, "the revoked subscriber is still connected"
+            time.sleep(0.05)
+        names = [s["name"] for s in status(state_dir)["events"]["per_subscriber"]]
+        again = RemoteReader(address, bundle)
+        again._thread.join(TIMEOUT)  # type: ignore[union-attr]  # refused: the reader ends
+        assert status(state_dir)["events"]["remote"]["refused"]["revoked"] == 1
+        for sub in (gone, kept, again):
+            sub.close()
+    assert [n.split("@")[0] for n in names] == ["tls:ids-kept"]
+    assert again.events == []
+
+
 def test_the_gateway_refuses_to_start_remote_events_without_an_events_ca(
     tmp_path: Path, pki: dict[str, Path]
 ) -> None:
