@@ -147,7 +147,12 @@ def test_a_full_pipe_source_stops_reading_instead_of_dropping() -> None:
     source = PipeSource(mine, maxlen=4)
     source.start()
     frames = [encode_frame([f"{n}".encode()]) for n in range(50)]
-    writer = threading.Thread(target=lambda: [theirs.sendall(frame) for frame in frames])
+
+    def write_all() -> None:
+        for frame in frames:
+            theirs.sendall(frame)
+
+    writer = threading.Thread(target=write_all)
     writer.start()
     got: list[bytes] = []
     try:
