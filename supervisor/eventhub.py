@@ -58,6 +58,7 @@ from OpenSSL import SSL
 
 from tlsgate.errors import OperatorError
 from tlsgate.supervisor import mtls
+from tlsgate.supervisor.listeners import management_listener
 from tlsgate.supervisor.selectorservice import SelectorService
 from tlsgate.supervisor.unixsocket import create_unix_listener, peer_name
 from tlsgate.workers.events import (
@@ -357,7 +358,9 @@ class EventHub(SelectorService):
             self._listen(listener.sock, "events socket", self._on_unix_subscriber,
                          listener.close)  # fmt: skip
         if self.remote is not None:
-            sock = _tcp_listener(self.remote.address)
+            sock = management_listener(
+                self.remote.address, "remote event subscribers", "[events] remote_listen"
+            )
             self._remote_address = sock.getsockname()[:2]
             self._listen(sock, "remote events listener", self._on_remote_connection)
 
@@ -719,24 +722,6 @@ class EventHub(SelectorService):
         if self._file_fd is not None:
             os.close(self._file_fd)
             self._file_fd = None
-
-
-def _tcp_listener(address: tuple[str, int]) -> socket.socket:
-    host, port = address
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-        sock.listen(64)
-    except OSError as exc:
-        sock.close()
-        raise OperatorError(
-            f"cannot listen for remote event subscribers on {_format_address(address)}:"
-            f" {exc.strerror or exc}; choose another events remote_listen address or port"
-        ) from exc
-    sock.setblocking(False)
-    return sock
 
 
 def _format_address(address: tuple[str, int]) -> str:

@@ -61,8 +61,10 @@ from tlsgate.supervisor.ca import (
     _read_bounded,
     _write_files_atomically,
     create_ca,
+    make_private_dir,
     sha256_fingerprint,
 )
+from tlsgate.supervisor.signer import _LEAF_BASIC_CONSTRAINTS, _LEAF_KEY_USAGE
 
 #: The roles a client certificate of the events CA carries (its subject OU).
 ROLE_SUBSCRIBER: Final = "events-subscriber"
@@ -143,18 +145,7 @@ def init_events_ca(
     """Create the events CA under ``state_dir``; CAError if one exists (and not ``force``)."""
     directory = events_ca_dir(state_dir)
     for path, label in ((state_dir, "state directory"), (directory, "events CA directory")):
-        try:
-            path.mkdir(mode=DIR_MODE)
-        except FileExistsError:
-            pass
-        except OSError as exc:
-            raise CAError(
-                f"cannot create the {label} {path}: {exc.strerror}; run as root or pass"
-                " --state-dir with a directory you own"
-            ) from exc
-        else:
-            os.chmod(path, DIR_MODE)
-        _check_private_dir(path, label)
+        make_private_dir(path, label)
     files = _files(directory)
     if not force and (files["cert"].exists() or files["key"].exists()):
         raise CAError(
@@ -289,21 +280,8 @@ def _issue(
         .serial_number(x509.random_serial_number())
         .not_valid_before(now)
         .not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
+        .add_extension(_LEAF_BASIC_CONSTRAINTS.value, _LEAF_BASIC_CONSTRAINTS.critical)
+        .add_extension(_LEAF_KEY_USAGE.value, _LEAF_KEY_USAGE.critical)
         .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .add_extension(

@@ -15,6 +15,7 @@ from typing import Any
 
 from tlsgate.errors import ConfigError
 from tlsgate.paths import resolve_state_dir
+from tlsgate.supervisor.ca_commands import days_type
 from tlsgate.supervisor.events_ca import (
     CLIENT_ROLES,
     DEFAULT_LEAF_DAYS,
@@ -92,14 +93,7 @@ def _state_dir(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--state-dir", metavar="DIR", help="state directory of the gateway")
 
 
-def _days(text: str) -> int:
-    try:
-        days = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of days: {text!r}") from None
-    if not 1 <= days <= MAX_LEAF_DAYS:
-        raise argparse.ArgumentTypeError(f"must be 1 to {MAX_LEAF_DAYS} days, not {days}")
-    return days
+_days = days_type(MAX_LEAF_DAYS)
 
 
 def _sd_flag(state_dir: Path) -> str:

@@ -28,8 +28,8 @@ from typing import Any, Final
 
 from OpenSSL import SSL
 
-from tlsgate.errors import OperatorError
 from tlsgate.supervisor import mtls
+from tlsgate.supervisor.listeners import management_listener
 
 logger = logging.getLogger(__name__)
 
@@ -92,18 +92,8 @@ class MetricsServer:
         return host, port
 
     def start(self) -> None:
-        host, port = self.address
-        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((host, port))
-            sock.listen(16)
-        except OSError as exc:
-            sock.close()
-            raise OperatorError(
-                f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}; choose another"
-                " [metrics] listen address or port"
-            ) from exc
+        sock = management_listener(self.address, "metrics scrapers", "[metrics] listen")
+        sock.setblocking(True)
         self._sock = sock
         threading.Thread(target=self._serve, name="tlsgate-metrics", daemon=True).start()
 
