@@ -709,8 +709,8 @@ class EventHub(SelectorService):
             self._selector.unregister(sub.sock)
         if sub.tls is not None:
             try:
-                sub.tls.set_shutdown(SSL.SENT_SHUTDOWN)
-            except SSL.Error:
+                sub.tls.shutdown()  # close_notify, best effort: the socket is non-blocking
+            except (SSL.Error, OSError):
                 pass  # the connection is being dropped either way
         sub.sock.close()
 

@@ -22,6 +22,7 @@ Rules:
 
 from __future__ import annotations
 
+import logging
 import ssl
 from pathlib import Path
 from typing import Final
@@ -31,6 +32,8 @@ from cryptography.x509.oid import NameOID
 from OpenSSL import SSL, crypto
 
 from tlsgate.errors import OperatorError
+
+logger = logging.getLogger(__name__)
 
 #: OpenSSL verify errors that mean "valid, but not now".
 _TIME_ERRORS: Final = frozenset({9, 10})  # X509_V_ERR_CERT_NOT_YET_VALID, _HAS_EXPIRED
@@ -80,7 +83,14 @@ class ClientCheck:
             return False
         if depth:
             return True
-        leaf = cert.to_cryptography()
+        try:
+            return self._check_leaf(cert.to_cryptography(), record)
+        except Exception:  # a callback that raises would surface later, on another call
+            logger.exception("checking a client certificate failed; refusing it")
+            record.reason = HANDSHAKE_FAILED
+            return False
+
+    def _check_leaf(self, leaf: x509.Certificate, record: PeerRecord) -> bool:
         record.serial = leaf.serial_number
         record.name = _attribute(leaf.subject, NameOID.COMMON_NAME)
         if leaf.serial_number in self.revoked:

@@ -290,3 +290,37 @@ def test_a_slow_remote_subscriber_gets_gaps_that_add_up_and_a_fast_one_loses_not
     assert received == sorted(received)
     assert not [e for e in fast.events if e["type"] == "gap"]
     assert [e["seq"] for e in fast.events if e["worker"] == 0] == list(range(total))
+
+
+class _BrokenCertificate:
+    def to_cryptography(self) -> Any:
+        raise RuntimeError("cannot convert")
+
+
+def test_a_failure_inside_the_certificate_check_refuses_the_client_instead_of_raising() -> None:
+    from OpenSSL import SSL
+
+    conn = SSL.Connection(SSL.Context(SSL.TLS_SERVER_METHOD), None)
+    check = mtls.ClientCheck(ROLE_SUBSCRIBER)
+    assert check.verify(conn, _BrokenCertificate(), 0, 0, 1) is False  # type: ignore[arg-type]
+    record = conn.get_app_data()
+    assert isinstance(record, mtls.PeerRecord) and record.reason == mtls.HANDSHAKE_FAILED
+
+
+@pytest.mark.parametrize(
+    ("verify_error", "reason", "message", "expected"),
+    [
+        (None, None, "peer did not return a certificate", mtls.NO_CERTIFICATE),
+        (None, None, "tlsv13 alert certificate required", mtls.NO_CERTIFICATE),
+        (20, None, "certificate verify failed", mtls.UNTRUSTED),
+        (10, None, "certificate verify failed", mtls.EXPIRED),
+        (None, mtls.REVOKED, "certificate verify failed", mtls.REVOKED),
+        (None, None, "unsupported protocol", mtls.HANDSHAKE_FAILED),
+    ],
+)
+def test_refusals_are_named_by_what_the_handshake_left_behind(
+    verify_error: int | None, reason: str | None, message: str, expected: str
+) -> None:
+    record = mtls.PeerRecord()
+    record.verify_error, record.reason = verify_error, reason
+    assert mtls.refusal_reason(record, Exception(message)) == expected
