@@ -47,6 +47,7 @@ import logging
 import os
 import selectors
 import socket
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -270,6 +271,7 @@ class EventHub(SelectorService):
         self.refused = dict.fromkeys(mtls.REFUSAL_REASONS, 0)
 
         self._sources: tuple[EventSource, ...] = ()
+        self._sources_lock = threading.Lock()
         self._subscribers: dict[int, _Subscriber] = {}
         self._handshakes: dict[int, _Handshake] = {}
         self._ids = itertools.count(1)
@@ -287,8 +289,9 @@ class EventHub(SelectorService):
     # -- control (any thread) -------------------------------------------------------
 
     def add_source(self, queue: EventSource) -> None:
-        """Take events from ``queue`` from now on (thread-safe: the tuple is replaced)."""
-        self._sources = (*self._sources, queue)
+        """Take events from ``queue`` from now on (thread-safe)."""
+        with self._sources_lock:
+            self._sources = (*self._sources, queue)
 
     def start(self) -> None:
         """Open the file, create the sockets, start the hub thread; OperatorError on failure."""
