@@ -93,6 +93,9 @@ class Supervisor:
 
         config = self.config
         self._load_ca()  # first: it creates the state directory 0700 on first run
+        # management listeners' certificates are checked before anything starts
+        remote = self._remote_listener()
+        self.metrics = self._metrics_server()
         self.run_dir = runtime_dir(config.state_dir)
         self.run_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
         self.leaf_key = generate_leaf_key()
@@ -106,8 +109,7 @@ class Supervisor:
         self.hub = EventHub(events_socket_path(config.state_dir), file_path=config.events_file,
                             gateway_id=f"{socket.gethostname()}:{os.getpid()}",
                             subscriber_buffer_bytes=config.events_subscriber_buffer,
-                            remote=self._remote_listener())  # fmt: skip
-        self.metrics = self._metrics_server()
+                            remote=remote)  # fmt: skip
         self.arbiter = Arbiter(
             config.workers,
             config.limits.drain_timeout,
