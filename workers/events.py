@@ -49,6 +49,7 @@ POLICY: Final = "policy"
 GAP: Final = "gap"
 HELLO: Final = "hello"
 CAPTURE_DROP: Final = "capture_drop"
+WEBSOCKET: Final = "websocket"
 
 #: Every event type of schema version 1.
 EVENT_TYPES: Final = (
@@ -61,6 +62,7 @@ EVENT_TYPES: Final = (
     GAP,
     HELLO,
     CAPTURE_DROP,
+    WEBSOCKET,
 )
 
 #: The keys every event starts with, in encoding order.

@@ -34,21 +34,27 @@ from OpenSSL import SSL
 from tlsgate.errors import (
     ClientHelloError,
     ConnectRequestError,
-    HttpProtocolError,
     RemoteProtocolError,
     UpstreamRefused,
 )
 from tlsgate.supervisor.signer import LeafRequest
 from tlsgate.workers import events as ev
+from tlsgate.workers.appinspect import (
+    close_after_protocol_error,
+    error_stage,
+    event_of,
+    new_inspector,
+)
 from tlsgate.workers.certs import ClientSideState
 from tlsgate.workers.clienthello import ClientHello, client_hello_end, parse_client_hello
 from tlsgate.workers.connect import connect_established, connect_refusal, parse_connect
-from tlsgate.workers.http1 import Http1Inspector, HttpExchange, looks_like_http_request
+from tlsgate.workers.http1 import looks_like_http_request
 from tlsgate.workers.origdst import original_destination
 from tlsgate.workers.pcap import FlowSynthesizer
 from tlsgate.workers.policy import Decision
 from tlsgate.workers.relay import EndpointError, Relay, TcpEndpoint, TlsEndpoint
 from tlsgate.workers.upstream import UpstreamInfo
+from tlsgate.workers.websocket import DEFAULT_PAYLOAD_CAP
 
 if TYPE_CHECKING:
     from tlsgate.workers.worker import Worker
@@ -433,53 +439,48 @@ class Interception:
         return client, upstream
 
     def _make_inspector(self, alpn: bytes | None) -> tuple[Any, Any]:
-        """HTTP/1.1 inspection when the tunnel speaks it; opaque (byte counts) otherwise."""
-        if alpn not in (None, b"http/1.1"):
-            return None, None
+        """The inspector of the negotiated protocol (:mod:`tlsgate.workers.appinspect`);
+        opaque (byte counts) for other protocols and for non-HTTP without ALPN."""
         w = self.worker
-        inspector = Http1Inspector(
-            record_headers=w.config.record_headers, redact_headers=w.config.redact_headers
-        )
+        inspector = new_inspector(
+            alpn, record_headers=w.config.record_headers, redact_headers=w.config.redact_headers,
+            ws_payload_cap=DEFAULT_PAYLOAD_CAP if w.capture is not None else None,
+        )  # fmt: skip
+        if inspector is None:
+            return None, None
         self._inspector = inspector
         sniffed: list[bool] = []  # without ALPN: decide on the first client bytes
+
+        def feed(method: Any, data: bytes) -> None:
+            try:
+                self._report(method(data))
+            except RemoteProtocolError as exc:
+                self._protocol_error(exc, stage=error_stage(exc))
+                raise EndpointError("protocol-error") from None
 
         def on_client(data: bytes) -> None:
             if alpn is None and not sniffed:
                 sniffed.append(looks_like_http_request(data))
-            if inspector.opaque or (sniffed and not sniffed[0]):
+            if getattr(inspector, "opaque", False) or (sniffed and not sniffed[0]):
                 return
-            try:
-                self._report(inspector.feed_request(data))
-            except HttpProtocolError as exc:
-                self._protocol_error(exc, stage="http")
-                raise EndpointError("protocol-error") from None
+            feed(inspector.feed_client, data)
 
         def on_upstream(data: bytes) -> None:
-            if inspector.opaque or (alpn is None and (not sniffed or not sniffed[0])):
+            if getattr(inspector, "opaque", False) or (
+                alpn is None and (not sniffed or not sniffed[0])
+            ):
                 return
-            try:
-                self._report(inspector.feed_response(data))
-            except HttpProtocolError as exc:
-                self._protocol_error(exc, stage="http")
-                raise EndpointError("protocol-error") from None
+            feed(inspector.feed_server, data)
 
         return on_client, on_upstream
 
-    def _report(self, exchanges: list[HttpExchange]) -> None:
-        for x in exchanges:
-            self.requests += 1
-            self.worker.emit(ev.HTTP, {
-                **self._addresses(),
-                "sni": self.hello.sni if self.hello else None,
-                "method": x.method, "host": x.host, "path": x.path, "http_version": x.version,
-                "status": x.status, "request_headers": x.request_headers,
-                "response_headers": x.response_headers,
-                "request_body_bytes": x.request_body_bytes,
-                "response_body_bytes": x.response_body_bytes,
-                "content_type": x.content_type, "user_agent": x.user_agent,
-                "request_content_type": x.request_content_type,
-                "complete": x.complete, "upgrade": x.upgrade,
-            })  # fmt: skip
+    def _report(self, reports: list[Any]) -> None:
+        sni = self.hello.sni if self.hello else None
+        for report in reports:
+            kind, fields = event_of(report)
+            if kind == ev.HTTP:
+                self.requests += 1
+            self.worker.emit(kind, {**self._addresses(), "sni": sni, **fields})
 
     # -- endings --------------------------------------------------------------------------
     def _protocol_error(self, exc: RemoteProtocolError, stage: str | None = None) -> None:
@@ -545,10 +546,12 @@ class Interception:
         if relay is not None and not relay.done.done():
             relay.stop(self.close_reason)
         inspector = getattr(self, "_inspector", None)
+        if relay is not None and self.close_reason == "protocol-error":
+            close_after_protocol_error(relay, inspector)
         if inspector is not None:
             try:
                 self._report(inspector.finish())
-            except HttpProtocolError:
+            except RemoteProtocolError:
                 pass  # a response cut short by the close: already counted as incomplete
         flow = getattr(self, "_flow", None)
         if flow is not None:

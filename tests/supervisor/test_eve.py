@@ -335,6 +335,8 @@ def test_a_protocol_error_becomes_an_applayer_anomaly_record() -> None:
         ("client_hello", "tls", "INVALID_CLIENT_HELLO"),
         ("tls", "tls", "INVALID_TLS"),
         ("http", "http", "INVALID_HTTP"),
+        ("http2", "http2", "INVALID_HTTP2"),
+        ("websocket", "websocket", "INVALID_WEBSOCKET"),
     ],
 )
 def test_the_anomaly_names_the_protocol_and_a_stable_token_for_the_stage(
