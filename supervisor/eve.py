@@ -72,6 +72,9 @@ ANOMALY_EVENTS: Final[Mapping[str, tuple[str, str]]] = {
     "client_hello": ("tls", "INVALID_CLIENT_HELLO"),
     "tls": ("tls", "INVALID_TLS"),
     "http": ("http", "INVALID_HTTP"),
+    "smtp": ("smtp", "INVALID_SMTP"),
+    "imap": ("imap", "INVALID_IMAP"),
+    "pop3": ("pop3", "INVALID_POP3"),
     "http2": ("http2", "INVALID_HTTP2"),
     "websocket": ("websocket", "INVALID_WEBSOCKET"),
 }
