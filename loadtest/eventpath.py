@@ -1,13 +1,15 @@
 """How many events per second the detection path sustains.
 
-    python -m tlsgate.loadtest events [--subscribers 1] [--seconds 5] [--producers 2]
+    python -m tlsgate.loadtest events [--subscribers 1] [--seconds 5] [--producers 2] [--remote]
 
 The real path, in real processes: ``--producers`` worker-like processes emit 25-field
 ``http``-shaped events as fast as they can through their :class:`EventEmitter` → bounded queue
 → :class:`PipeForwarder` → socketpair → the hub process's :class:`PipeSource` →
 :class:`EventHub` → the detection socket → ``--subscribers`` subscriber processes that decode
-everything with msgpack. It reports events produced, delivered to each subscriber, and lost
-(with where), per second.
+everything with msgpack. With ``--remote`` the subscribers connect over TCP with mutual TLS
+instead (loopback, certificates of a throw-away events CA), as remote IDS hosts do. It reports
+events produced, delivered to each subscriber, and lost (with where), per second, and the hub
+process's CPU time.
 """
 
 from __future__ import annotations
@@ -55,13 +57,20 @@ def _producer(worker_id: int, sock: socket.socket, seconds: float, out: Any) -> 
     out.put((worker_id, n, queue.dropped))
 
 
-def _subscriber(path: str, seconds: float, out: Any) -> None:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.connect(path)
+def _subscriber(path: str, seconds: float, out: Any, remote: Any = None) -> None:
+    if remote is None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(path)
+    else:
+        from tlsgate.supervisor.mtls import client_context
+
+        address, (cert, key, ca) = remote
+        context = client_context(Path(ca), Path(cert), Path(key))
+        sock = context.wrap_socket(socket.create_connection(address), server_hostname=address[0])
     sock.settimeout(1.0)
     unpacker = msgpack.Unpacker(raw=False)
     received = dropped = 0
-    end = time.monotonic() + seconds + 3
+    end = time.monotonic() + seconds + 60  # reads until the hub closes the stream
     while time.monotonic() < end:
         try:
             data = sock.recv(1 << 20)
@@ -87,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--subscribers", type=int, default=1)
     parser.add_argument("--producers", type=int, default=2)
     parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--remote", action="store_true",
+                        help="subscribers over TCP with mutual TLS (loopback)")  # fmt: skip
     args = parser.parse_args(argv)
 
     from tlsgate.supervisor.eventhub import EventHub
@@ -95,14 +106,19 @@ def main(argv: list[str] | None = None) -> int:
     mp = multiprocess.get_context("spawn")
     with tempfile.TemporaryDirectory(prefix="tlsgate-events-") as tmp:
         path = Path(tmp) / "events.sock"
-        hub = EventHub(path, gateway_id="loadtest")
+        remote_listener, bundles = _remote_setup(Path(tmp), args.subscribers) if args.remote \
+            else (None, [])  # fmt: skip
+        hub = EventHub(path, gateway_id="loadtest", remote=remote_listener)
         hub.start()
+        cpu_start = time.process_time()
         results = mp.Queue()
-        subs = [mp.Process(target=_subscriber, args=(str(path), args.seconds, results))
-                for _ in range(args.subscribers)]  # fmt: skip
+        remotes: list[Any] = [(hub.remote_address, b) for b in bundles]
+        remotes = remotes or [None] * args.subscribers
+        subs = [mp.Process(target=_subscriber, args=(str(path), args.seconds, results, remote))
+                for remote in remotes]  # fmt: skip
         for p in subs:
             p.start()
-        time.sleep(0.5)  # subscribers connected before the first event
+        _wait(lambda: hub.stats()["subscribers"] == len(subs), 30)  # before the first event
         producers = []
         produced_q = mp.Queue()
         for k in range(args.producers):
@@ -117,20 +133,60 @@ def main(argv: list[str] | None = None) -> int:
         produced = [produced_q.get(timeout=args.seconds + 30) for _ in producers]
         for p in producers:
             p.join()
-        for p in subs:
-            p.join(args.seconds + 10)
-        delivered = [results.get(timeout=5) for _ in subs]
+        # what is buffered for the subscribers is theirs to take before the hub stops
+        total_produced = sum(n for _, n, _ in produced)
+        _wait(lambda: hub.stats()["produced"] >= total_produced
+              and not any(s["buffered_bytes"] for s in hub.stats()["per_subscriber"]),
+              30)  # fmt: skip
+        cpu = time.process_time() - cpu_start
         hub.stop()
+        delivered = [results.get(timeout=args.seconds + 70) for _ in subs]
+        for p in subs:
+            p.join(10)
     total = sum(n for _, n, _ in produced)
     worker_drops = sum(d for _, _, d in produced)
     secs = args.seconds
-    print(f"{args.producers} producers, {args.subscribers} subscriber(s), {secs:.0f} s")
+    kind = "remote (mutual TLS)" if args.remote else "local"
+    print(f"{args.producers} producers, {args.subscribers} {kind} subscriber(s), {secs:.0f} s;"
+          f" hub process CPU {cpu:.1f} s")  # fmt: skip
     print(f"produced {total} events ({total / secs:,.0f}/s); dropped in worker queues "
           f"{worker_drops} (reported as gap events)")  # fmt: skip
     for i, (received, dropped) in enumerate(delivered):
         print(f"subscriber {i}: received {received} ({received / secs:,.0f}/s), "
               f"missed {dropped} (gap events)")  # fmt: skip
     return 0
+
+
+def _wait(condition: Any, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def _remote_setup(tmp: Path, subscribers: int) -> tuple[Any, list[tuple[str, str, str]]]:
+    """A throw-away events CA, a server certificate and one subscriber bundle each."""
+    from tlsgate.supervisor import mtls
+    from tlsgate.supervisor.eventhub import RemoteListener
+    from tlsgate.supervisor.events_ca import (
+        ROLE_SUBSCRIBER,
+        ensure_server_certificate,
+        init_events_ca,
+        issue_client,
+        write_client_bundle,
+    )
+
+    state = tmp / "state"
+    ca = init_events_ca(state)
+    cert, key, _ = ensure_server_certificate(state, "127.0.0.1")
+    check = mtls.ClientCheck(ROLE_SUBSCRIBER)
+    listener = RemoteListener(("127.0.0.1", 0), mtls.server_context(ca.cert_path, cert, key,
+                                                                     check), check)  # fmt: skip
+    bundles = []
+    for k in range(subscribers):
+        c, k_, ca_cert = issue_client(state, f"loadtest-{k}")
+        paths = write_client_bundle(tmp / f"sub{k}", c, k_, ca_cert)
+        bundles.append((str(paths[0]), str(paths[1]), str(paths[2])))
+    return listener, bundles
 
 
 if __name__ == "__main__":

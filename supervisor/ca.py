@@ -416,18 +416,7 @@ def _prepare_store(state_dir: Path, force: bool) -> None:
     """Create the directories 0700 (refusing loose ones) and refuse to replace a CA."""
     ca_dir = ca_cert_path(state_dir).parent
     for directory, label in ((state_dir, "state directory"), (ca_dir, "CA directory")):
-        try:
-            directory.mkdir(mode=DIR_MODE, parents=True)
-        except FileExistsError:
-            pass
-        except OSError as err:
-            raise CAError(
-                f"cannot create {label} {directory}: {err.strerror}; "
-                "run as root or pass --state-dir with a directory you own"
-            ) from err
-        else:
-            os.chmod(directory, DIR_MODE)  # mkdir's mode was reduced by the umask
-        _check_private_dir(directory, label)
+        make_private_dir(directory, label)
     if force:
         return
     existing = [
@@ -440,6 +429,22 @@ def _prepare_store(state_dir: Path, force: bool) -> None:
             f"a CA already exists in {ca_dir} ({', '.join(existing)}); pass --force to replace "
             "it (clients that trust the old CA will have to trust the new one)"
         )
+
+
+def make_private_dir(directory: Path, label: str) -> None:
+    """Create ``directory`` (and parents) mode 0700, or refuse an existing loose one."""
+    try:
+        directory.mkdir(mode=DIR_MODE, parents=True)
+    except FileExistsError:
+        pass
+    except OSError as err:
+        raise CAError(
+            f"cannot create {label} {directory}: {err.strerror}; "
+            "run as root or pass --state-dir with a directory you own"
+        ) from err
+    else:
+        os.chmod(directory, DIR_MODE)  # mkdir's mode was reduced by the umask
+    _check_private_dir(directory, label)
 
 
 def _store(

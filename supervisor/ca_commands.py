@@ -26,6 +26,7 @@ import os
 import shlex
 import stat
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Final
 
@@ -206,14 +207,22 @@ def _passphrase(data: bytes, source: str) -> bytes:
     return data
 
 
-def _days(text: str) -> int:
-    try:
-        days = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of days: {text!r}") from None
-    if not 1 <= days <= MAX_CA_DAYS:
-        raise argparse.ArgumentTypeError(f"must be 1 to {MAX_CA_DAYS} days, not {days}")
+def days_type(max_days: int) -> Callable[[str], int]:
+    """An argparse ``type`` for a number of days from 1 to ``max_days``."""
+
+    def days(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number of days: {text!r}") from None
+        if not 1 <= value <= max_days:
+            raise argparse.ArgumentTypeError(f"must be 1 to {max_days} days, not {value}")
+        return value
+
     return days
+
+
+_days = days_type(MAX_CA_DAYS)
 
 
 def _fd(text: str) -> int:

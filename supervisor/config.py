@@ -20,6 +20,14 @@ File layout (every key optional)::
     file = "/var/log/tlsgate/events.msgpack"
     subscriber_buffer = 8388608       # bytes per subscriber before it gets gap events
     group = "ids"                     # may read the detection socket (mode 0660)
+    remote_listen = "198.18.0.1:57100" # off unless set: the same stream over TCP, mutual TLS
+    remote_ca = "/var/lib/tlsgate/events-ca/cert.pem"          # default: the events CA
+    remote_cert = "/var/lib/tlsgate/events-ca/server-cert.pem" # default: issued on start
+    remote_key = "/var/lib/tlsgate/events-ca/server-key.pem"
+
+    [metrics]                         # off unless listen is set
+    listen = "127.0.0.1:9464"         # Prometheus text at /metrics
+    mtls = false                      # required (true) for any non-loopback address
 
     [capture]                         # off unless pcap_dir is set
     pcap_dir = "/var/lib/tlsgate/pcap"
@@ -125,6 +133,16 @@ class Config:
     events_subscriber_buffer: int = 8 * 1024 * 1024
     #: Group that may subscribe to the detection socket (mode 0660); "" = root's group.
     events_group: str = ""
+    #: Remote subscribers over TCP with mutual TLS (off when None).
+    events_remote_listen: tuple[str, int] | None = None
+    #: Trust anchor for remote subscribers' certificates, and the server's pair; None =
+    #: the events CA of the state dir and the server certificate issued from it on start.
+    events_remote_ca: Path | None = None
+    events_remote_cert: Path | None = None
+    events_remote_key: Path | None = None
+    #: Prometheus endpoint (off when None); ``metrics_mtls`` requires client certificates.
+    metrics_listen: tuple[str, int] | None = None
+    metrics_mtls: bool = False
     #: Opt-in decrypted-traffic export: rotated pcap files per worker in this directory.
     pcap_dir: Path | None = None
     #: Plaintext bytes captured per connection (both directions) before truncation.
@@ -242,7 +260,11 @@ def _reject_unknown(table: Mapping[str, Any], known: set[str], where: str) -> No
 _TOP = {
     "listen", "mode", "workers", "state_dir", "upstream_ca_bundle", "ca_passphrase_file",
     "events", "policy", "http", "limits", "worker_user", "steering", "steering_policy",
-    "intercept_ports", "intercept_from", "capture", "mail", "learned_bypass",
+    "intercept_ports", "intercept_from", "capture", "mail", "learned_bypass", "metrics",
+}  # fmt: skip
+_EVENTS = {
+    "file", "subscriber_buffer", "group", "remote_listen", "remote_ca", "remote_cert",
+    "remote_key",
 }  # fmt: skip
 _MAIL = {"smtp_ports", "imap_ports", "pop3_ports", "max_line", "starttls_required",
          "negotiation_timeout"}  # fmt: skip
@@ -326,7 +348,7 @@ def build_config(data: Mapping[str, Any], where: str = "the configuration") -> C
                 ) from None
         kw["worker_user"] = user
     events = _table(data, "events", where)
-    _reject_unknown(events, {"file", "subscriber_buffer", "group"}, f"[events] of {where}")
+    _reject_unknown(events, _EVENTS, f"[events] of {where}")
     if events.get("file") is not None:
         kw["events_file"] = _path(events["file"], "events.file", must_exist=False)
     if "subscriber_buffer" in events:
@@ -344,6 +366,32 @@ def build_config(data: Mapping[str, Any], where: str = "the configuration") -> C
             except KeyError:
                 raise ConfigError(f"events.group = {group!r}: no such group") from None
         kw["events_group"] = group
+    if events.get("remote_listen") is not None:
+        kw["events_remote_listen"] = parse_listen(events["remote_listen"], "events.remote_listen")
+    for key in ("remote_ca", "remote_cert", "remote_key"):
+        if events.get(key) is not None:
+            kw[f"events_{key}"] = _path(events[key], f"events.{key}", must_exist=False)
+    if ("events_remote_cert" in kw) != ("events_remote_key" in kw):
+        raise ConfigError(
+            "events.remote_cert and events.remote_key go together: set both (a certificate"
+            " and its key from the events CA) or neither (the gateway issues its own)"
+        )
+    metrics = _table(data, "metrics", where)
+    _reject_unknown(metrics, {"listen", "mtls"}, f"[metrics] of {where}")
+    if metrics.get("listen") is not None:
+        kw["metrics_listen"] = parse_listen(metrics["listen"], "metrics.listen")
+    if "mtls" in metrics:
+        if not isinstance(metrics["mtls"], bool):
+            raise ConfigError(f"metrics.mtls must be true or false, got {metrics['mtls']!r}")
+        kw["metrics_mtls"] = metrics["mtls"]
+    listen = kw.get("metrics_listen")
+    if listen is not None and not kw.get("metrics_mtls") and not _is_loopback(listen[0]):
+        raise ConfigError(
+            f"metrics.listen = {listen[0]}:{listen[1]} is reachable from the network, so it"
+            " must use mutual TLS: set [metrics] mtls = true (scrapers then need a"
+            " certificate from `tlsgate events-ca issue-subscriber NAME --role"
+            " metrics-scraper`), or listen on 127.0.0.1"
+        )
     capture = _table(data, "capture", where)
     _reject_unknown(capture, {"pcap_dir", "cap_bytes", "rotate_bytes", "keep", "pcap_over_ip"},
                     f"[capture] of {where}")  # fmt: skip
@@ -382,6 +430,10 @@ def build_config(data: Mapping[str, Any], where: str = "the configuration") -> C
         raise ConfigError("intercept_ports only applies to --mode transparent")
     config.policy()  # compile once so bad globs/CIDRs fail here, at startup
     return config
+
+
+def _is_loopback(host: str) -> bool:
+    return ipaddress.ip_address(host).is_loopback
 
 
 def _ports(ports: object, setting: str) -> tuple[int, ...]:

@@ -268,26 +268,17 @@ def _http(
         http["http_port"] = port
     if url is not None:
         http["url"] = url
-    user_agent = _text(event.get("user_agent"))
-    if user_agent is not None:
-        http["http_user_agent"] = user_agent
+    _copy(http, event, (("http_user_agent", "user_agent", _text),))
     content_type = _text(event.get("content_type"))
     if content_type is not None:
         media_type = content_type.partition(";")[0].rstrip()
         if media_type:
             http["http_content_type"] = media_type
-    method = _text(event.get("method"))
-    if method is not None:
-        http["http_method"] = method
+    _copy(http, event, (("http_method", "method", _text),))
     version = _text(event.get("http_version"))
     if version is not None:
         http["protocol"] = "HTTP/" + version
-    status = _int(event.get("status"))
-    if status is not None:
-        http["status"] = status
-    length = _int(event.get("response_body_bytes"))
-    if length is not None:
-        http["length"] = length
+    _copy(http, event, (("status", "status", _int), ("length", "response_body_bytes", _int)))
     request_headers = _headers(event.get("request_headers"), _REQUEST_HEADER_FIELDS, http)
     response_headers = _headers(event.get("response_headers"), _RESPONSE_HEADER_FIELDS, http)
     if request_headers:
@@ -311,12 +302,9 @@ def _tls(
     record = _header(event, _handshake_time(ts, event), "tls", "tls", host, local_tz, gateway)
     opened: Mapping[str, Any] = conn_open if conn_open is not None else {}
     tls: _Record = {}
-    subject = _text(event.get("upstream_subject"))
-    if subject is not None:
-        tls["subject"] = subject
-    issuer = _text(event.get("upstream_issuer"))
-    if issuer is not None:
-        tls["issuerdn"] = issuer
+    _copy(
+        tls, event, (("subject", "upstream_subject", _text), ("issuerdn", "upstream_issuer", _text))
+    )
     sni = _text(event.get("sni"))
     if sni is None:
         sni = _text(opened.get("sni"))
@@ -391,22 +379,23 @@ def _header(
     if host is not None:
         record["host"] = host
     record["event_type"] = event_type
-    src_ip = _text(event.get("client_ip"))
-    if src_ip is not None:
-        record["src_ip"] = src_ip
-    src_port = _int(event.get("client_port"))
-    if src_port is not None:
-        record["src_port"] = src_port
-    dest_ip = _text(event.get("server_ip"))
-    if dest_ip is not None:
-        record["dest_ip"] = dest_ip
-    dest_port = _int(event.get("server_port"))
-    if dest_port is not None:
-        record["dest_port"] = dest_port
+    _copy(record, event, _ADDRESS_FIELDS)
     record["proto"] = "TCP"
     if app_proto is not None:
         record["app_proto"] = app_proto
     return record
+
+
+#: Record fields copied from an event field when it holds a value of the right type.
+_Fields = tuple[tuple[str, str, Callable[[Any], Any]], ...]
+
+
+def _copy(record: _Record, event: Mapping[str, Any], fields: _Fields) -> None:
+    """``record[name] = convert(event[source])`` for each field whose value converts."""
+    for name, source, convert in fields:
+        value = convert(event.get(source))
+        if value is not None:
+            record[name] = value
 
 
 def _handshake_time(ts: Any, close: Mapping[str, Any]) -> Any:
@@ -491,6 +480,14 @@ def _is_digits(text: str) -> bool:
 
 def _int(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+_ADDRESS_FIELDS: Final[_Fields] = (
+    ("src_ip", "client_ip", _text),
+    ("src_port", "client_port", _int),
+    ("dest_ip", "server_ip", _text),
+    ("dest_port", "server_port", _int),
+)
 
 
 def _is_number(value: Any) -> TypeGuard[int | float]:

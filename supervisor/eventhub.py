@@ -6,10 +6,18 @@ Rules:
   :class:`~tlsgate.workers.events.EventQueue`). The hub thread drains every source every
   :data:`DRAIN_INTERVAL` seconds in batches; producers never make a syscall per event
   and never wait for the hub.
-- Outputs: the detection socket (Unix stream, any number of subscribers up to
-  ``max_subscribers``) and optionally a file the same bytes are appended to. Each output
-  stream starts with a ``hello`` event (``schema``, ``gateway``, ``started``, ``pid``)
-  and then carries every event as a msgpack stream.
+- Outputs: the detection socket (Unix stream), optionally a TCP listener with mutual TLS
+  (:class:`RemoteListener`, see :mod:`tlsgate.supervisor.mtls`) serving exactly the same
+  stream to remote subscribers, any number of subscribers up to ``max_subscribers`` in
+  all, and optionally a file the same bytes are appended to. Each output stream starts
+  with a ``hello`` event (``schema``, ``gateway``, ``started``, ``pid``) and then carries
+  every event as a msgpack stream.
+- Remote subscribers: the TLS handshake runs non-blocking on the hub thread, at most
+  :data:`MAX_PENDING_HANDSHAKES` at once, each within :data:`HANDSHAKE_TIMEOUT` seconds.
+  A client without a certificate of the events CA in the subscriber role (or with a
+  revoked one) is refused during the handshake and counted by reason; it never receives
+  a byte of the stream. :meth:`EventHub.set_revoked` (on reload) refuses those serials
+  from then on and disconnects subscribers that hold one.
 - Every subscriber has its own bounded buffer (``subscriber_buffer_bytes``) and a
   non-blocking socket. When an event does not fit, whole events are dropped for that
   subscriber alone; once its buffer has drained to half, it gets a ``gap`` event
@@ -21,19 +29,20 @@ Rules:
   write that succeeds is preceded by a ``gap`` event (``stage`` ``"file"``).
 - Events the hub makes itself carry ``worker`` -1 and a ``seq`` counted per output
   stream (the ``hello`` is 0).
-- A subscriber that goes away while the gateway runs (it closed, reset, or sent data) is
-  reported to ``on_subscriber_closed(reason, undelivered_events, undelivered_bytes)``
-  (the supervisor turns it into a ``subscriber_closed`` event); what was buffered for it
-  is freed at once.
+- A subscriber that goes away while the gateway runs (it closed, reset, sent data, or its
+  certificate was revoked) is reported to
+  ``on_subscriber_closed(reason, undelivered_events, undelivered_bytes)`` (the supervisor
+  turns it into a ``subscriber_closed`` event); what was buffered for it is freed at once.
 - A source whose ``finished`` attribute is true (a worker's pipe after the worker exited)
   is drained one last time and then forgotten, so restarts do not accumulate sources.
-- The socket is created with ``socket_mode`` already set (bound under a temporary name,
-  chmod-ed, then hard-linked into place, which also fails if the name was taken). A
-  socket file left by a dead gateway is removed; one that accepts connections means
-  another gateway is running, which is an :class:`~tlsgate.errors.OperatorError`.
+- The socket is created with ``socket_mode`` already set
+  (:func:`~tlsgate.supervisor.unixsocket.create_unix_listener`). A socket file left by a
+  dead gateway is removed; one that accepts connections means another gateway is
+  running, which is an :class:`~tlsgate.errors.OperatorError`.
 - :meth:`EventHub.stop` stops accepting, removes the socket file (only if it is still
-  the one this hub created), drains the sources one last time, gives subscribers up to
-  :data:`STOP_FLUSH_TIMEOUT` seconds to take what is buffered, and closes everything.
+  the one this hub created) and the remote listener, drains the sources one last time,
+  gives subscribers up to :data:`STOP_FLUSH_TIMEOUT` seconds to take what is buffered,
+  and closes everything.
 """
 
 from __future__ import annotations
@@ -42,18 +51,23 @@ import functools
 import itertools
 import logging
 import os
-import secrets
 import selectors
 import socket
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Protocol
 
+from OpenSSL import SSL
+
 from tlsgate.errors import OperatorError
-from tlsgate.supervisor.unixsocket import remove_stale_socket, unlink_quietly
+from tlsgate.supervisor import mtls
+from tlsgate.supervisor.listeners import management_listener
+from tlsgate.supervisor.selectorservice import SelectorService
+from tlsgate.supervisor.unixsocket import create_unix_listener, peer_name
 from tlsgate.workers.events import (
     GAP,
     HELLO,
@@ -77,18 +91,21 @@ MAX_SUBSCRIBERS: Final = 128
 DRAIN_INTERVAL: Final = 0.005
 #: Events taken from one source per drain; more waiting means drain again at once.
 MAX_DRAIN_PER_SOURCE: Final = 8192
-#: Connections accepted per wake-up of the listening socket.
-MAX_ACCEPTS_PER_WAKEUP: Final = 64
-#: Seconds to stop accepting after accept() failed (e.g. out of file descriptors).
-ACCEPT_RETRY_DELAY: Final = 1.0
 #: Buffers handed to one sendmsg() call (Linux IOV_MAX is 1024).
 MAX_SEND_BUFFERS: Final = 512
+#: Bytes handed to one TLS send (joined from whole events; TLS records are 16 KiB).
+MAX_TLS_SEND_BYTES: Final = 256 * 1024
+#: Remote subscribers whose TLS handshake is in progress at once; more are refused.
+MAX_PENDING_HANDSHAKES: Final = 16
+#: Seconds a remote subscriber has to complete its TLS handshake.
+HANDSHAKE_TIMEOUT: Final = 10.0
 #: Seconds stop() waits for subscribers to take what is buffered for them.
 STOP_FLUSH_TIMEOUT: Final = 2.0
-#: Pending connections the listening socket queues.
-LISTEN_BACKLOG: Final = 64
 #: Permission bits of the event file when the hub creates it.
 FILE_MODE: Final = 0o640
+
+UNIX: Final = "unix"
+TLS: Final = "tls"
 
 
 class EventSource(Protocol):
@@ -104,24 +121,40 @@ class EventSource(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class RemoteListener:
+    """The optional TCP listener for remote subscribers (mutual TLS)."""
+
+    address: tuple[str, int]
+    context: SSL.Context
+    #: The context's leaf checks (its deny list is replaced by :meth:`EventHub.set_revoked`).
+    check: mtls.ClientCheck
+
+
+class _SubscriberGone(Exception):
+    """The subscriber's connection failed; the message says how."""
+
+
 class _Subscriber:
-    """One connection to the detection socket and what is buffered for it."""
+    """One subscriber connection and what is buffered for it."""
 
-    __slots__ = (
-        "buffered",
-        "chunks",
-        "fd",
-        "head_offset",
-        "on_ready",
-        "owed",
-        "seq",
-        "sock",
-        "want_write",
-    )
+    __slots__ = ("buffered", "chunks", "delivered", "dropped", "fd", "head_offset", "id",
+                 "name", "on_ready", "owed", "seq", "serial", "sock", "tls", "transport",
+                 "want_write")  # fmt: skip
 
-    def __init__(self, sock: socket.socket, handler: Callable[[_Subscriber, int], None]) -> None:
+    def __init__(
+        self, sub_id: int, sock: socket.socket, name: str,
+        handler: Callable[[_Subscriber, int], None], tls: SSL.Connection | None = None,
+        serial: int | None = None,
+    ) -> None:  # fmt: skip
+        self.id = sub_id
         self.sock = sock
         self.fd = sock.fileno()
+        self.name = name
+        self.tls = tls
+        self.transport = UNIX if tls is None else TLS
+        #: Serial of the client certificate (remote subscribers), for revocation.
+        self.serial = serial
         #: Selector callback for this subscriber: ``handler(self, mask)``.
         self.on_ready: Callable[[int], None] = functools.partial(handler, self)
         #: Whole encoded events not yet fully sent; the head may be partly sent.
@@ -132,19 +165,90 @@ class _Subscriber:
         self.buffered = 0
         #: Events dropped for this subscriber and not yet reported by a gap event.
         self.owed = 0
+        #: Events sent to / dropped for this subscriber in all.
+        self.delivered = 0
+        self.dropped = 0
         #: ``seq`` of the next hub event (hello, gap) on this stream.
         self.seq = 0
         #: Waiting for the socket to become writable.
         self.want_write = False
 
+    def send(self) -> int:
+        """Send from the head of ``chunks`` without blocking: bytes taken, -1 if none."""
+        chunks = self.chunks
+        head: bytes | memoryview = chunks[0]
+        if self.head_offset:
+            head = memoryview(head)[self.head_offset :]
+        tls = self.tls
+        if tls is None:
+            try:
+                return self.sock.sendmsg([head, *itertools.islice(chunks, 1, MAX_SEND_BUFFERS)])
+            except BlockingIOError:
+                return -1
+            except OSError as exc:
+                raise _SubscriberGone(_reason(exc)) from exc
+        # TLS: one contiguous buffer; a retry after WantWrite passes at least the same bytes
+        # (the buffer only grows until something is sent), as OpenSSL requires.
+        parts = [head]
+        size = len(head)
+        for chunk in itertools.islice(chunks, 1, None):
+            if size >= MAX_TLS_SEND_BYTES:
+                break
+            parts.append(chunk)
+            size += len(chunk)
+        try:
+            return tls.send(b"".join(parts) if len(parts) > 1 else bytes(head))
+        except (SSL.WantWriteError, SSL.WantReadError):
+            return -1
+        except (SSL.Error, OSError) as exc:
+            raise _SubscriberGone(_reason(exc)) from exc
 
-class EventHub:
-    """Fans encoded events out to the detection socket's subscribers and a file.
+    def poll_closed(self) -> str | None:
+        """Read what the peer sent (subscribers only listen): why to close it, or None."""
+        try:
+            data = self.sock.recv(1) if self.tls is None else self.tls.recv(1)
+        except (BlockingIOError, SSL.WantReadError, SSL.WantWriteError):
+            return None
+        except SSL.ZeroReturnError:
+            return "closed"
+        except (SSL.Error, OSError) as exc:
+            return _reason(exc)
+        return "sent data" if data else "closed"
+
+
+def _reason(exc: Exception) -> str:
+    """A subscriber's connection error as the ``reason`` of ``subscriber_closed``."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror  # "Connection reset by peer", "Broken pipe"
+    return str(exc) or type(exc).__name__
+
+
+class _Handshake:
+    """A remote subscriber whose TLS handshake is in progress."""
+
+    __slots__ = ("deadline", "fd", "on_ready", "peer", "record", "sock", "tls")
+
+    def __init__(self, sock: socket.socket, tls: SSL.Connection, record: mtls.PeerRecord,
+                 peer: str, handler: Callable[[_Handshake, int], None]) -> None:  # fmt: skip
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.tls = tls
+        self.record = record
+        self.peer = peer
+        self.deadline = time.monotonic() + HANDSHAKE_TIMEOUT
+        self.on_ready: Callable[[int], None] = functools.partial(handler, self)
+
+
+class EventHub(SelectorService):
+    """Fans encoded events out to the subscribers (local and remote) and a file.
 
     Construct, :meth:`add_source` (before or after :meth:`start`), :meth:`start`,
-    ..., :meth:`stop`. Everything but :meth:`add_source`, :meth:`stats` and
-    :meth:`stop` happens on the hub's own thread.
+    ..., :meth:`stop`. Everything but :meth:`add_source`, :meth:`set_revoked`,
+    :meth:`stats` and :meth:`stop` happens on the hub's own thread.
     """
+
+    thread_name = "tlsgate-eventhub"
+    failure_consequence = "events are no longer delivered"
 
     def __init__(
         self,
@@ -155,6 +259,7 @@ class EventHub:
         gateway_id: str,
         subscriber_buffer_bytes: int = DEFAULT_SUBSCRIBER_BUFFER_BYTES,
         max_subscribers: int = MAX_SUBSCRIBERS,
+        remote: RemoteListener | None = None,
         on_subscriber_closed: Callable[[str, int, int], None] | None = None,
     ) -> None:
         if subscriber_buffer_bytes < MIN_SUBSCRIBER_BUFFER_BYTES:
@@ -162,10 +267,12 @@ class EventHub:
                 f"subscriber_buffer_bytes must be at least {MIN_SUBSCRIBER_BUFFER_BYTES},"
                 f" not {subscriber_buffer_bytes}"
             )
+        super().__init__()
         self.socket_path: Final = socket_path
         self.file_path: Final = file_path
         self.socket_mode: Final = socket_mode
         self.gateway_id: Final = gateway_id
+        self.remote: Final = remote
         self._limit = subscriber_buffer_bytes
         self._low_water = subscriber_buffer_bytes // 2
         self._max_subscribers = max_subscribers
@@ -177,26 +284,24 @@ class EventHub:
         self.delivered = 0
         self._dropped_subscriber = 0
         self._dropped_file = 0
+        #: Remote connections refused, by reason (:data:`~tlsgate.supervisor.mtls.REFUSAL_REASONS`).
+        self.refused = dict.fromkeys(mtls.REFUSAL_REASONS, 0)
 
         self._sources: tuple[EventSource, ...] = ()
         self._sources_lock = threading.Lock()
         self._subscribers: dict[int, _Subscriber] = {}
+        self._handshakes: dict[int, _Handshake] = {}
+        self._ids = itertools.count(1)
         self._packer = new_packer()
         self._started_at = 0.0
         self._pid = os.getpid()
+        self._backlog = False
+        self._recheck_revoked = False
+        self._remote_address: tuple[str, int] | None = None
 
-        self._selector: selectors.BaseSelector | None = None
-        self._listener: socket.socket | None = None
-        self._listener_id: tuple[int, int] | None = None
-        self._accept_paused_until = 0.0
         self._file_fd: int | None = None
         self._file_seq = 0
         self._file_owed = 0
-        self._wake_r: socket.socket | None = None
-        self._wake_w: socket.socket | None = None
-        self._thread: threading.Thread | None = None
-        self._stopping = False
-        self._failure: BaseException | None = None
 
     # -- control (any thread) -------------------------------------------------------
 
@@ -206,48 +311,22 @@ class EventHub:
             self._sources = (*self._sources, queue)
 
     def start(self) -> None:
-        """Open the file, create the socket, start the hub thread; OperatorError on failure."""
-        if self._thread is not None:
-            raise RuntimeError("EventHub.start() called twice")
+        """Open the file, create the sockets, start the hub thread; OperatorError on failure."""
         self._started_at = time.time()
-        self._selector = selectors.DefaultSelector()
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
-        self._selector.register(self._wake_r, selectors.EVENT_READ, self._on_wake)
-        try:
-            if self.file_path is not None:
-                self._open_file(self.file_path)
-            if self.socket_path is not None:
-                self._listener = self._create_listener(self.socket_path)
-                self._selector.register(self._listener, selectors.EVENT_READ, self._on_accept)
-        except BaseException:
-            self._close_all()
-            raise
-        self._thread = threading.Thread(target=self._run, name="tlsgate-eventhub", daemon=True)
-        self._thread.start()
+        self._start_service(self._set_up)
 
-    def stop(self) -> None:
-        """Flush what is queued (bounded by :data:`STOP_FLUSH_TIMEOUT`) and close cleanly.
-
-        Idempotent; returns once the hub thread has finished and everything is closed.
-        """
-        thread = self._thread
-        if thread is None:
+    def set_revoked(self, serials: frozenset[int]) -> None:
+        """Refuse these client certificate serials from now on; disconnect their holders."""
+        if self.remote is None:
             return
-        self._stopping = True
+        self.remote.check.revoked = serials
+        self._recheck_revoked = True
         self._wake()
-        thread.join()
 
     @property
-    def running(self) -> bool:
-        """True while the hub thread is alive."""
-        return self._thread is not None and self._thread.is_alive()
-
-    @property
-    def failure(self) -> BaseException | None:
-        """The error that killed the hub thread (it is also logged), if one did."""
-        return self._failure
+    def remote_address(self) -> tuple[str, int] | None:
+        """Where the remote listener is bound (the real port when 0 was asked for)."""
+        return self._remote_address
 
     def stats(self) -> dict[str, Any]:
         """Counters: ``produced``, ``delivered``, ``dropped`` per stage, ``subscribers``.
@@ -255,8 +334,11 @@ class EventHub:
         ``produced`` counts events taken from the sources; ``delivered`` events written
         in full to subscriber sockets (hello and gap events included); ``dropped`` maps
         each stage (``worker-queue``, ``subscriber``, ``file``) to the events lost there.
+        ``per_subscriber`` lists each connected subscriber's own counters; ``remote`` (when
+        the TCP listener is on) its address, handshakes in progress and refusals by reason.
         """
-        return {
+        subscribers = list(self._subscribers.values())
+        stats: dict[str, Any] = {
             "produced": self.produced,
             "delivered": self.delivered,
             "dropped": {
@@ -264,21 +346,45 @@ class EventHub:
                 STAGE_SUBSCRIBER: self._dropped_subscriber,
                 STAGE_FILE: self._dropped_file,
             },
-            "subscribers": len(self._subscribers),
+            "subscribers": len(subscribers),
             "subscribers_closed": self.subscribers_closed,
             "sources": len(self._sources),
+            "per_subscriber": [
+                {
+                    "id": sub.id,
+                    "name": sub.name,
+                    "transport": sub.transport,
+                    "delivered": sub.delivered,
+                    "dropped": sub.dropped,
+                    "buffered_bytes": sub.buffered,
+                }
+                for sub in subscribers
+            ],
         }
-
-    def _wake(self) -> None:
-        if self._wake_w is None:
-            return
-        try:
-            self._wake_w.send(b"\0")
-        except (BlockingIOError, OSError):
-            # Full means a wake-up is already pending; closed means the hub is gone.
-            pass
+        if self.remote is not None:
+            address = self._remote_address or self.remote.address
+            stats["remote"] = {
+                "listen": _format_address(address),
+                "handshakes": len(self._handshakes),
+                "refused": dict(self.refused),
+            }
+        return stats
 
     # -- set-up ---------------------------------------------------------------------
+
+    def _set_up(self) -> None:
+        if self.file_path is not None:
+            self._open_file(self.file_path)
+        if self.socket_path is not None:
+            listener = create_unix_listener(self.socket_path, "events", self.socket_mode)
+            self._listen(listener.sock, "events socket", self._on_unix_subscriber,
+                         listener.close)  # fmt: skip
+        if self.remote is not None:
+            sock = management_listener(
+                self.remote.address, "remote event subscribers", "[events] remote_listen"
+            )
+            self._remote_address = sock.getsockname()[:2]
+            self._listen(sock, "remote events listener", self._on_remote_connection)
 
     def _open_file(self, path: Path) -> None:
         try:
@@ -291,68 +397,28 @@ class EventHub:
         self._file_fd = fd
         self._write_file(())
 
-    def _create_listener(self, path: Path) -> socket.socket:
-        if not path.parent.is_dir():
-            raise OperatorError(
-                f"cannot create the events socket {path}: directory {path.parent} does not"
-                " exist; create it or choose another socket path"
-            )
-        remove_stale_socket(path, "events")
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        # Bound under a temporary name so that the mode is right before anyone can
-        # connect, then linked into place: link() refuses to replace an existing name.
-        temp = path.parent / f".{secrets.token_hex(5)}"
-        try:
-            try:
-                listener.bind(str(temp))
-                os.chmod(temp, self.socket_mode)
-                listener.listen(LISTEN_BACKLOG)
-                os.link(temp, path)
-            finally:
-                unlink_quietly(temp)
-            st = os.lstat(path)
-        except FileExistsError as exc:
-            listener.close()
-            raise OperatorError(
-                f"another gateway is running: it created the events socket {path} just now;"
-                " stop it or use another --state-dir"
-            ) from exc
-        except OSError as exc:
-            listener.close()
-            raise OperatorError(
-                f"cannot create the events socket {path}: {exc.strerror or exc};"
-                " check the directory's permissions (and that the path is short enough"
-                " for a Unix socket), or choose another socket path"
-            ) from exc
-        listener.setblocking(False)
-        self._listener_id = (st.st_dev, st.st_ino)
-        return listener
-
     # -- the hub thread -------------------------------------------------------------
 
-    def _run(self) -> None:
-        try:
-            self._loop()
-            self._shutdown()
-        except BaseException as exc:
-            self._failure = exc
-            logger.critical("the event hub failed; events are no longer delivered", exc_info=True)
-        finally:
-            self._close_all()
+    def _select_timeout(self) -> float | None:
+        if self._backlog:
+            return 0
+        if self._handshakes:
+            first = min(h.deadline for h in self._handshakes.values())
+            return max(0.0, min(DRAIN_INTERVAL, first - time.monotonic()))
+        return DRAIN_INTERVAL
 
-    def _loop(self) -> None:
-        selector = self._selector
-        assert selector is not None
-        backlog = False
-        while not self._stopping:
-            for key, mask in selector.select(0 if backlog else DRAIN_INTERVAL):
-                key.data(mask)
-            if self._accept_paused_until and time.monotonic() >= self._accept_paused_until:
-                self._resume_accepting()
-            backlog = self._pump()
+    def _tick(self) -> None:
+        if self._handshakes:
+            self._expire_handshakes()
+        if self._recheck_revoked:
+            self._recheck_revoked = False
+            self._drop_revoked()
+        self._backlog = self._pump()
 
-    def _shutdown(self) -> None:
-        self._close_listener()
+    def _on_stop(self) -> None:
+        self._close_listeners()
+        for handshake in list(self._handshakes.values()):
+            self._end_handshake(handshake)
         while self._pump():
             pass
         selector = self._selector
@@ -404,6 +470,7 @@ class EventHub:
         if sub.owed:
             if sub.buffered > self._low_water:
                 sub.owed += len(batch)
+                sub.dropped += len(batch)
                 self._dropped_subscriber += len(batch)
                 return
             self._queue_gap(sub)
@@ -423,6 +490,7 @@ class EventHub:
             sub.buffered = self._limit - room
         lost = len(batch) - taken
         sub.owed += lost
+        sub.dropped += lost
         self._dropped_subscriber += lost
 
     def _queue_gap(self, sub: _Subscriber) -> None:
@@ -460,27 +528,24 @@ class EventHub:
                 self._queue_gap(sub)
             if not chunks:
                 break
-            head: bytes | memoryview = chunks[0]
-            if sub.head_offset:
-                head = memoryview(head)[sub.head_offset :]
-            buffers = [head, *itertools.islice(chunks, 1, MAX_SEND_BUFFERS)]
             try:
-                sent = sub.sock.sendmsg(buffers)
-            except BlockingIOError:
-                sent = -1
-            except OSError as exc:
-                logger.info("event subscriber %d went away: %s", sub.fd, exc)
-                self._close_subscriber(sub, exc.strerror or str(exc))
+                sent = sub.send()
+            except _SubscriberGone as exc:
+                logger.info("event subscriber %s went away: %s", sub.name, exc)
+                self._close_subscriber(sub, str(exc))
                 return
             if sent < 0:
                 break
             sub.buffered -= sent
             sent += sub.head_offset
+            popped = 0
             while chunks and sent >= len(chunks[0]):
                 sent -= len(chunks.popleft())
-                self.delivered += 1
+                popped += 1
+            sub.delivered += popped
+            self.delivered += popped
             sub.head_offset = sent
-            if sent:
+            if sent and sub.tls is None:
                 break  # the socket took part of an event: its buffer is full
         self._set_want_write(sub, bool(chunks))
 
@@ -494,69 +559,119 @@ class EventHub:
 
     def _on_subscriber(self, sub: _Subscriber, mask: int) -> None:
         if mask & selectors.EVENT_READ:
-            # Subscribers only listen: data or end-of-stream both end the subscription.
-            try:
-                data = sub.sock.recv(1)
-            except BlockingIOError:
-                pass
-            except OSError as exc:
-                logger.info("event subscriber %d went away: %s", sub.fd, exc)
-                self._close_subscriber(sub, exc.strerror or str(exc))
+            reason = sub.poll_closed()
+            if reason is not None:
+                if reason == "sent data":
+                    logger.warning("event subscriber %s sent data; closing it", sub.name)
+                else:
+                    logger.info("event subscriber %s %s", sub.name, reason)
+                self._close_subscriber(sub, reason)
                 return
-            else:
-                if data:
-                    logger.warning("event subscriber %d sent data; closing it", sub.fd)
-                self._close_subscriber(sub, "sent data" if data else "closed")
-                return
-        if mask & selectors.EVENT_WRITE:
+        if mask & selectors.EVENT_WRITE or (sub.tls is not None and sub.chunks):
             self._flush(sub)
 
-    def _on_accept(self, mask: int) -> None:
-        listener = self._listener
-        if listener is None or self._selector is None:
+    def _room_for_subscriber(self, sock: socket.socket, where: str) -> bool:
+        if len(self._subscribers) + len(self._handshakes) < self._max_subscribers:
+            return True
+        logger.warning("%s refused a subscriber: %d are connected already", where,
+                       len(self._subscribers))  # fmt: skip
+        sock.close()
+        return False
+
+    def _on_unix_subscriber(self, conn: socket.socket, address: object) -> None:
+        if self._room_for_subscriber(conn, "the events socket"):
+            self._add_subscriber(conn, f"unix:{peer_name(conn)}")
+
+    def _add_subscriber(
+        self, sock: socket.socket, name: str, tls: SSL.Connection | None = None,
+        serial: int | None = None,
+    ) -> None:  # fmt: skip
+        sub = _Subscriber(next(self._ids), sock, name, self._on_subscriber, tls, serial)
+        self._subscribers[sub.fd] = sub
+        assert self._selector is not None
+        self._selector.register(sock, selectors.EVENT_READ, sub.on_ready)
+        hello = self._hello(sub.seq)
+        sub.seq += 1
+        sub.chunks.append(hello)
+        sub.buffered += len(hello)
+        self._flush(sub)
+
+    # -- remote subscribers ---------------------------------------------------------
+
+    def _on_remote_connection(self, sock: socket.socket, address: Any) -> None:
+        remote = self.remote
+        assert remote is not None and self._selector is not None
+        peer = _format_address(address[:2])
+        if len(self._handshakes) >= MAX_PENDING_HANDSHAKES:
+            self.refused[mtls.LIMIT] += 1
+            logger.warning("remote events listener refused %s: %d handshakes are in progress",
+                           peer, len(self._handshakes))  # fmt: skip
+            sock.close()
             return
-        for _ in range(MAX_ACCEPTS_PER_WAKEUP):
-            try:
-                conn, _ = listener.accept()
-            except BlockingIOError:
-                return
-            except OSError as exc:
-                logger.warning(
-                    "event socket cannot accept subscribers (%s); retrying in %.0f s",
-                    exc,
-                    ACCEPT_RETRY_DELAY,
-                )
-                self._selector.unregister(listener)
-                self._accept_paused_until = time.monotonic() + ACCEPT_RETRY_DELAY
-                return
-            if len(self._subscribers) >= self._max_subscribers:
-                logger.warning(
-                    "event socket refused a subscriber: %d are connected already",
-                    len(self._subscribers),
-                )
-                conn.close()
-                continue
-            conn.setblocking(False)
-            sub = _Subscriber(conn, self._on_subscriber)
-            self._subscribers[sub.fd] = sub
-            self._selector.register(conn, selectors.EVENT_READ, sub.on_ready)
-            hello = self._hello(sub.seq)
-            sub.seq += 1
-            sub.chunks.append(hello)
-            sub.buffered += len(hello)
-            self._flush(sub)
+        if not self._room_for_subscriber(sock, "the remote events listener"):
+            self.refused[mtls.LIMIT] += 1
+            return
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        tls, record = mtls.new_server_connection(remote.context, sock)
+        handshake = _Handshake(sock, tls, record, peer, self._on_handshake)
+        self._handshakes[handshake.fd] = handshake
+        self._selector.register(sock, selectors.EVENT_READ, handshake.on_ready)
+        self._on_handshake(handshake, selectors.EVENT_READ)
 
-    def _resume_accepting(self) -> None:
-        self._accept_paused_until = 0.0
-        if self._listener is not None and self._selector is not None:
-            self._selector.register(self._listener, selectors.EVENT_READ, self._on_accept)
-
-    def _on_wake(self, mask: int) -> None:
-        assert self._wake_r is not None
+    def _on_handshake(self, handshake: _Handshake, mask: int) -> None:
         try:
-            self._wake_r.recv(4096)
-        except BlockingIOError:
-            pass
+            handshake.tls.do_handshake()
+        except SSL.WantReadError:
+            self._await(handshake, selectors.EVENT_READ)
+            return
+        except SSL.WantWriteError:
+            self._await(handshake, selectors.EVENT_WRITE)
+            return
+        except (SSL.Error, OSError) as exc:
+            reason = mtls.refusal_reason(handshake.record, exc)
+            self._refuse(handshake, reason, str(exc) or type(exc).__name__)
+            return
+        self._end_handshake(handshake, close=False)
+        record = handshake.record
+        name = f"tls:{record.name}@{handshake.peer}"
+        logger.info("remote event subscriber %s connected (certificate serial %x)", name,
+                    record.serial or 0)  # fmt: skip
+        self._add_subscriber(handshake.sock, name, handshake.tls, record.serial)
+
+    def _await(self, handshake: _Handshake, events: int) -> None:
+        assert self._selector is not None
+        self._selector.modify(handshake.sock, events, handshake.on_ready)
+
+    def _refuse(self, handshake: _Handshake, reason: str, detail: str) -> None:
+        self.refused[reason] += 1
+        name = handshake.record.name
+        who = f"{handshake.peer} ({name})" if name else handshake.peer
+        logger.warning("remote events listener refused %s: %s (%s)", who, reason, detail)
+        self._end_handshake(handshake)
+
+    def _end_handshake(self, handshake: _Handshake, close: bool = True) -> None:
+        if self._handshakes.pop(handshake.fd, None) is None:
+            return
+        assert self._selector is not None
+        self._selector.unregister(handshake.sock)
+        if close:
+            handshake.sock.close()
+
+    def _expire_handshakes(self) -> None:
+        now = time.monotonic()
+        for handshake in [h for h in self._handshakes.values() if h.deadline <= now]:
+            self._refuse(handshake, mtls.TIMEOUT, f"no handshake within {HANDSHAKE_TIMEOUT:g} s")
+
+    def _drop_revoked(self) -> None:
+        assert self.remote is not None
+        revoked = self.remote.check.revoked
+        for sub in list(self._subscribers.values()):
+            if sub.serial is not None and sub.serial in revoked:
+                logger.warning("event subscriber %s disconnected: its certificate (serial %x)"
+                               " is revoked", sub.name, sub.serial)  # fmt: skip
+                self._close_subscriber(sub, "certificate revoked")
+
+    # -- the event file -------------------------------------------------------------
 
     def _write_file(self, batch: Sequence[bytes]) -> None:
         """Append ``batch`` (after a hello or gap if one is due) to the event file."""
@@ -622,6 +737,11 @@ class EventHub:
         del self._subscribers[sub.fd]
         if self._selector is not None:
             self._selector.unregister(sub.sock)
+        if sub.tls is not None:
+            try:
+                sub.tls.shutdown()  # close_notify, best effort: the socket is non-blocking
+            except (SSL.Error, OSError):
+                pass  # the connection is being dropped either way
         sub.sock.close()
         if reason is not None:
             self.subscribers_closed += 1
@@ -631,34 +751,16 @@ class EventHub:
             if self._on_subscriber_closed is not None:
                 self._on_subscriber_closed(reason, undelivered, buffered)
 
-    def _close_listener(self) -> None:
-        listener = self._listener
-        if listener is None:
-            return
-        self._listener = None
-        if self._selector is not None and not self._accept_paused_until:
-            self._selector.unregister(listener)
-        listener.close()
-        path = self.socket_path
-        assert path is not None
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            return
-        if (st.st_dev, st.st_ino) == self._listener_id:
-            unlink_quietly(path)
-
-    def _close_all(self) -> None:
+    def _close_connections(self) -> None:
         for sub in list(self._subscribers.values()):
             self._close_subscriber(sub)
-        self._close_listener()
+        for handshake in list(self._handshakes.values()):
+            self._end_handshake(handshake)
         if self._file_fd is not None:
             os.close(self._file_fd)
             self._file_fd = None
-        for sock in (self._wake_r, self._wake_w):
-            if sock is not None:
-                sock.close()
-        self._wake_r = self._wake_w = None
-        if self._selector is not None:
-            self._selector.close()
-            self._selector = None
+
+
+def _format_address(address: tuple[str, int]) -> str:
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

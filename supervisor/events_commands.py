@@ -4,8 +4,11 @@ Rules:
 
 - Source: the detection socket of the gateway that uses ``--state-dir`` (default state
   dir if absent), or ``--socket PATH``, or a recorded msgpack stream ``--file PATH``
-  (read to its end). A missing or dead socket is an :class:`~tlsgate.errors.OperatorError`
-  that says how to start a gateway; so is a stream that is not tlsgate events.
+  (read to its end), or a gateway's remote listener ``--remote HOST:PORT`` over mutual
+  TLS with ``--cert``, ``--key`` and ``--ca`` (the files ``tlsgate events-ca
+  issue-subscriber`` wrote; the server is verified against ``--ca`` and ``HOST``). A
+  missing or dead socket is an :class:`~tlsgate.errors.OperatorError` that says how to
+  start a gateway; so is a stream that is not tlsgate events, and a refused certificate.
 - ``--format json`` (default) prints one JSON object per line, keys in the order they were
   encoded, bytes values as text (UTF-8, invalid bytes replaced), ASCII only.
   ``--format msgpack`` writes the events, re-encoded one by one, to binary stdout.
@@ -27,6 +30,7 @@ import json
 import math
 import os
 import socket
+import ssl
 import sys
 from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
@@ -63,6 +67,14 @@ def add_events_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     source.add_argument("--socket", metavar="PATH", help="detection socket to subscribe to")
     source.add_argument("--file", metavar="PATH", help="recorded event file to read instead")
+    source.add_argument(
+        "--remote",
+        metavar="HOST:PORT",
+        help="subscribe to a gateway's remote listener (mutual TLS; needs --cert, --key, --ca)",
+    )
+    parser.add_argument("--cert", metavar="FILE", help="--remote: this subscriber's certificate")
+    parser.add_argument("--key", metavar="FILE", help="--remote: its private key")
+    parser.add_argument("--ca", metavar="FILE", help="--remote: the gateway's events CA")
     parser.add_argument(
         "--format",
         choices=("json", "msgpack", "eve"),
@@ -108,8 +120,11 @@ def run_events(args: argparse.Namespace) -> int:
         write = _msgpack_writer(out)
     if args.file:
         batches = _read_file(Path(args.file))
+    elif args.remote:
+        batches = _read_stream(*_connect_remote(args.remote, args.cert, args.key, args.ca))
     else:
-        batches = _read_socket(args.socket, args.state_dir)
+        sock, path = _connect(args.socket, args.state_dir)
+        batches = _read_stream(sock, f"the events socket {path}")
     try:
         _print_events(batches, write, out.flush, types, args.count)
     except _TruncatedStreamError as exc:
@@ -169,16 +184,20 @@ def _read_file(path: Path) -> Generator[Iterator[dict[str, Any]], None, None]:
         raise _TruncatedStreamError(f"{path}: {exc}") from None
 
 
-def _read_socket(
-    socket_arg: str | None, state_dir_arg: str | None
+def _read_stream(
+    sock: socket.socket, where: str
 ) -> Generator[Iterator[dict[str, Any]], None, None]:
-    sock, path = _connect(socket_arg, state_dir_arg)
-    where = f"the events socket {path}"
     decoder = EventDecoder()
     with sock:
         while True:
             try:
                 chunk = sock.recv(READ_CHUNK_BYTES)
+            except ssl.SSLError as exc:
+                raise OperatorError(
+                    f"{where} refused this subscriber ({exc.reason or exc}): its certificate"
+                    " must come from that gateway's events CA (`tlsgate events-ca"
+                    " issue-subscriber`), in the subscriber role, and not be revoked"
+                ) from exc
             except OSError as exc:
                 raise OperatorError(f"lost {where}: {exc.strerror or exc}") from exc
             if not chunk:
@@ -223,6 +242,45 @@ def _connect(socket_arg: str | None, state_dir_arg: str | None) -> tuple[socket.
         sock.close()
         raise OperatorError(f"cannot connect to {path}: {exc.strerror or exc}") from None
     return sock, path
+
+
+def _connect_remote(
+    remote: str, cert: str | None, key: str | None, ca: str | None
+) -> tuple[socket.socket, str]:
+    from tlsgate.supervisor.mtls import client_context
+
+    if not (cert and key and ca):
+        raise OperatorError(
+            "--remote needs --cert FILE --key FILE --ca FILE: the files `tlsgate events-ca"
+            " issue-subscriber NAME --out DIR` wrote (DIR/cert.pem, DIR/key.pem, DIR/ca.pem)"
+        )
+    host, _, port_text = remote.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise OperatorError(f"--remote {remote!r} is not HOST:PORT (e.g. 198.18.0.1:57100)")
+    port = int(port_text)
+    context = client_context(Path(ca), Path(cert), Path(key))
+    where = f"the gateway at {remote}"
+    try:
+        raw = socket.create_connection((host, port), timeout=30)
+    except OSError as exc:
+        raise OperatorError(
+            f"cannot connect to {where}: {exc.strerror or exc}; is it started with"
+            " --events-remote-listen, and is the port reachable from here?"
+        ) from None
+    try:
+        sock = context.wrap_socket(raw, server_hostname=host)
+    except ssl.SSLCertVerificationError as exc:
+        raw.close()
+        raise OperatorError(
+            f"{where} is not the gateway of this events CA: {exc.verify_message}; check"
+            " --ca (the ca.pem given with the subscriber certificate) and the address"
+        ) from None
+    except (ssl.SSLError, OSError) as exc:
+        raw.close()
+        raise OperatorError(f"TLS with {where} failed: {exc}") from None
+    sock.settimeout(None)
+    return sock, where
 
 
 def _decode(decoder: EventDecoder, chunk: bytes, where: str) -> Iterator[dict[str, Any]]:

@@ -23,6 +23,25 @@ class ListenError(OperatorError):
     """The listening socket could not be created."""
 
 
+def management_listener(address: tuple[str, int], what: str, setting: str) -> socket.socket:
+    """A non-blocking listening socket for ``what`` (remote events, metrics) on ``address``."""
+    host, port = address
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(64)
+    except OSError as exc:
+        sock.close()
+        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        raise ListenError(
+            f"cannot listen for {what} on {where}: {exc.strerror or exc}; choose another"
+            f" {setting} address or port"
+        ) from exc
+    sock.setblocking(False)
+    return sock
+
+
 def make_listener(config: Config) -> socket.socket:
     """A listening socket on the configured address, ready to share with SO_REUSEPORT."""
     host, port = config.listen

@@ -47,14 +47,10 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import os
 import selectors
-import shutil
 import socket
 import struct
-import tempfile
 import threading
-import time
 from collections import deque
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -64,9 +60,10 @@ from typing import Any, Final, Protocol
 import msgpack
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from tlsgate.errors import OperatorError, TlsgateError
+from tlsgate.errors import TlsgateError
+from tlsgate.supervisor.selectorservice import SelectorService
 from tlsgate.supervisor.signer import MAX_DNS_NAME_CHARS, MAX_LEAF_NAMES, LeafRequest
-from tlsgate.supervisor.unixsocket import remove_stale_socket, unlink_quietly
+from tlsgate.supervisor.unixsocket import create_unix_listener, peer_name
 from tlsgate.workers.certs import Signer
 
 logger = logging.getLogger(__name__)
@@ -93,12 +90,6 @@ KEY_BYTES: Final = 32
 RECV_BYTES: Final = 64 * 1024
 #: Buffers handed to one sendmsg() call.
 MAX_SEND_BUFFERS: Final = 64
-#: Pending connections the listening socket queues.
-LISTEN_BACKLOG: Final = 64
-#: Connections accepted per wake-up of the listening socket.
-MAX_ACCEPTS_PER_WAKEUP: Final = 64
-#: Seconds to stop accepting after accept() failed (e.g. out of file descriptors).
-ACCEPT_RETRY_DELAY: Final = 1.0
 #: Seconds between two checks that the service thread is alive while rotate() waits.
 ROTATE_CHECK_INTERVAL: Final = 0.5
 #: Seconds a client waits for an answer (connecting included) before SignerUnavailable.
@@ -112,7 +103,6 @@ CONNECT_RETRY_MAX: Final = 0.5
 MAX_RESENDS: Final = 2
 
 _LENGTH: Final = struct.Struct(">I")
-_PEERCRED: Final = struct.Struct("3i")
 _REQUEST_FIELDS: Final = frozenset({"id", "dns_names", "ip_addresses", "not_after", "key"})
 
 
@@ -293,12 +283,15 @@ class _Connection:
         return length > MAX_REQUEST_BYTES or len(buf) >= _LENGTH.size + length
 
 
-class SignerServer:
+class SignerServer(SelectorService):
     """Answers leaf requests from the workers over a Unix socket, on its own thread.
 
     ``SignerServer(...)``, :meth:`start`, ..., :meth:`stop`. ``signer`` is the only object
     holding the CA key; ``cache`` is the shared cache's writer.
     """
+
+    thread_name = "tlsgate-signer"
+    failure_consequence = "workers can no longer mint certificates"
 
     def __init__(
         self,
@@ -311,6 +304,7 @@ class SignerServer:
         owner_gid: int | None = None,
         max_connections: int = MAX_CONNECTIONS,
     ) -> None:
+        super().__init__()
         #: Who signs (changed only by :meth:`rotate`, between two rounds).
         self.signer = signer
         self.cache: Final = cache
@@ -332,46 +326,22 @@ class SignerServer:
         self._connections: dict[int, _Connection] = {}
         self._ready: dict[int, _Connection] = {}
         self._packer = msgpack.Packer(use_bin_type=True)
-        self._selector: selectors.BaseSelector | None = None
-        self._listener: socket.socket | None = None
-        self._listener_id: tuple[int, int] | None = None
-        self._wake_r: socket.socket | None = None
-        self._wake_w: socket.socket | None = None
-        self._thread: threading.Thread | None = None
-        self._stopping = False
         self._rotations: deque[_Rotation] = deque()
-        self._accept_paused_until = 0.0
         self._cache_failing = False
-        self._failure: BaseException | None = None
 
     # -- control (any thread) ----------------------------------------------------------
 
     def start(self) -> None:
         """Create the socket and start the service thread; OperatorError on failure."""
-        if self._thread is not None:
-            raise RuntimeError("SignerServer.start() called twice")
-        self._selector = selectors.DefaultSelector()
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
-        self._selector.register(self._wake_r, selectors.EVENT_READ, self._on_wake)
-        try:
-            self._listener = self._create_listener(self.socket_path)
-        except BaseException:
-            self._close_all()
-            raise
-        self._selector.register(self._listener, selectors.EVENT_READ, self._on_accept)
-        self._thread = threading.Thread(target=self._run, name="tlsgate-signer", daemon=True)
-        self._thread.start()
 
-    def stop(self) -> None:
-        """Stop serving, remove the socket file, close every connection (idempotent)."""
-        thread = self._thread
-        if thread is None:
-            return
-        self._stopping = True
-        self._wake()
-        thread.join()
+        def set_up() -> None:
+            listener = create_unix_listener(
+                self.socket_path, "signer", self.socket_mode,
+                uid=self.owner_uid, gid=self.owner_gid,
+            )  # fmt: skip
+            self._listen(listener.sock, "signer socket", self._on_accepted, listener.close)
+
+        self._start_service(set_up)
 
     def rotate(self, signer: Signer) -> None:
         """Sign with ``signer`` (a new CA) from now on, and empty the cache.
@@ -397,23 +367,6 @@ class SignerServer:
         self.signer = signer
         self.cache.clear()
 
-    def _wake(self) -> None:
-        if self._wake_w is not None:
-            try:
-                self._wake_w.send(b"\0")
-            except OSError:
-                pass  # full: a wake-up is pending already; closed: the thread is gone
-
-    @property
-    def running(self) -> bool:
-        """True while the service thread is alive."""
-        return self._thread is not None and self._thread.is_alive()
-
-    @property
-    def failure(self) -> BaseException | None:
-        """The error that killed the service thread (also logged), if one did."""
-        return self._failure
-
     def stats(self) -> dict[str, int]:
         """Counters: requests, signed, coalesced, rejected, dropped, connections."""
         return {
@@ -425,128 +378,34 @@ class SignerServer:
             "connections": len(self._connections),
         }
 
-    # -- set-up ------------------------------------------------------------------------
-
-    def _create_listener(self, path: Path) -> socket.socket:
-        if not path.parent.is_dir():
-            raise OperatorError(
-                f"cannot create the signer socket {path}: directory {path.parent} does not"
-                " exist; create the runtime directory first"
-            )
-        remove_stale_socket(path, "signer")
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            private = Path(tempfile.mkdtemp(prefix=".s", dir=path.parent))  # mode 0700
-        except OSError as exc:
-            listener.close()
-            raise OperatorError(
-                f"cannot create the signer socket {path}: {exc.strerror or exc}; check the"
-                " permissions of its directory"
-            ) from exc
-        temp = private / "s"
-        try:
-            try:
-                listener.bind(str(temp))
-                os.chmod(temp, self.socket_mode)
-                if self.owner_uid is not None or self.owner_gid is not None:
-                    uid = -1 if self.owner_uid is None else self.owner_uid
-                    gid = -1 if self.owner_gid is None else self.owner_gid
-                    os.chown(temp, uid, gid)
-                listener.listen(LISTEN_BACKLOG)
-                os.link(temp, path)
-            finally:
-                shutil.rmtree(private, ignore_errors=True)
-            st = os.lstat(path)
-        except FileExistsError as exc:
-            listener.close()
-            raise OperatorError(
-                f"another gateway is running: it created the signer socket {path} just now;"
-                " stop it or use another --state-dir"
-            ) from exc
-        except OSError as exc:
-            listener.close()
-            raise OperatorError(
-                f"cannot create the signer socket {path}: {exc.strerror or exc}; check the"
-                " directory's permissions (and that the path is short enough for a Unix"
-                " socket)"
-            ) from exc
-        listener.setblocking(False)
-        self._listener_id = (st.st_dev, st.st_ino)
-        return listener
-
     # -- the service thread ------------------------------------------------------------
 
-    def _run(self) -> None:
-        try:
-            selector = self._selector
-            assert selector is not None
-            while not self._stopping:
-                timeout: float | None = None
-                if self._ready:
-                    timeout = 0
-                elif self._accept_paused_until:
-                    timeout = max(0.0, self._accept_paused_until - time.monotonic())
-                for key, mask in selector.select(timeout):
-                    key.data(mask)
-                while self._rotations:
-                    rotation = self._rotations.popleft()
-                    try:
-                        self._rotate(rotation.signer)
-                    except Exception as exc:
-                        rotation.error = exc  # raised to the caller of rotate()
-                    finally:
-                        rotation.done.set()
-                if self._accept_paused_until and time.monotonic() >= self._accept_paused_until:
-                    self._accept_paused_until = 0.0
-                    assert self._listener is not None
-                    selector.register(self._listener, selectors.EVENT_READ, self._on_accept)
-                if self._ready and not self._stopping:
-                    self._serve_round()
-        except BaseException as exc:
-            self._failure = exc
-            logger.critical(
-                "the signer service failed; workers can no longer mint certificates",
-                exc_info=True,
-            )
-        finally:
-            self._close_all()
+    def _select_timeout(self) -> float | None:
+        return 0 if self._ready else None
 
-    def _on_wake(self, mask: int) -> None:
-        assert self._wake_r is not None
-        try:
-            self._wake_r.recv(4096)
-        except BlockingIOError:
-            pass
-
-    def _on_accept(self, mask: int) -> None:
-        listener, selector = self._listener, self._selector
-        assert listener is not None and selector is not None
-        for _ in range(MAX_ACCEPTS_PER_WAKEUP):
+    def _tick(self) -> None:
+        while self._rotations:
+            rotation = self._rotations.popleft()
             try:
-                sock, _ = listener.accept()
-            except BlockingIOError:
-                return
-            except OSError as exc:
-                # Out of descriptors, most likely: the backlog keeps them for a later try.
-                logger.warning(
-                    "the signer socket cannot accept connections (%s); retrying in %.0f s",
-                    exc,
-                    ACCEPT_RETRY_DELAY,
-                )
-                selector.unregister(listener)
-                self._accept_paused_until = time.monotonic() + ACCEPT_RETRY_DELAY
-                return
-            if len(self._connections) >= self._max_connections:
-                logger.warning(
-                    "the signer refused a connection: %d are open already",
-                    len(self._connections),
-                )
-                sock.close()
-                continue
-            sock.setblocking(False)
-            conn = _Connection(sock, _peer_name(sock), self._on_connection)
-            self._connections[conn.fd] = conn
-            selector.register(sock, selectors.EVENT_READ, conn.on_ready)
+                self._rotate(rotation.signer)
+            except Exception as exc:
+                rotation.error = exc  # raised to the caller of rotate()
+            finally:
+                rotation.done.set()
+        if self._ready and not self._stopping:
+            self._serve_round()
+
+    def _on_accepted(self, sock: socket.socket, address: object) -> None:
+        if len(self._connections) >= self._max_connections:
+            logger.warning(
+                "the signer refused a connection: %d are open already", len(self._connections)
+            )
+            sock.close()
+            return
+        conn = _Connection(sock, peer_name(sock), self._on_connection)
+        self._connections[conn.fd] = conn
+        assert self._selector is not None
+        self._selector.register(sock, selectors.EVENT_READ, conn.on_ready)
 
     def _on_connection(self, conn: _Connection, mask: int) -> None:
         if mask & selectors.EVENT_WRITE:
@@ -748,37 +607,9 @@ class SignerServer:
         conn.interest = 0
         conn.sock.close()
 
-    def _close_all(self) -> None:
+    def _close_connections(self) -> None:
         for conn in list(self._connections.values()):
             self._close(conn)
-        listener = self._listener
-        if listener is not None:
-            self._listener = None
-            listener.close()
-            try:
-                st = os.lstat(self.socket_path)
-            except FileNotFoundError:
-                pass
-            else:
-                if (st.st_dev, st.st_ino) == self._listener_id:
-                    unlink_quietly(self.socket_path)
-        for sock in (self._wake_r, self._wake_w):
-            if sock is not None:
-                sock.close()
-        self._wake_r = self._wake_w = None
-        if self._selector is not None:
-            self._selector.close()
-            self._selector = None
-
-
-def _peer_name(sock: socket.socket) -> str:
-    try:
-        pid, uid, _ = _PEERCRED.unpack(
-            sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
-        )
-    except OSError:
-        return "an unknown process"
-    return f"pid {pid} (uid {uid})"
 
 
 # -- the client ----------------------------------------------------------------------------

@@ -69,6 +69,8 @@ class Supervisor:
         self._bound: tuple[str, int] | None = None
         self.signer_server: Any = None
         self.signer_restarts = 0
+        self.metrics: Any = None
+        self._checks: list[Any] = []
 
     def log(self, message: str) -> None:
         self.out.write(f"tlsgate: {message}\n")
@@ -100,6 +102,9 @@ class Supervisor:
 
         config = self.config
         self._load_ca()  # first: it creates the state directory 0700 on first run
+        # management listeners' certificates are checked before anything starts
+        remote = self._remote_listener()
+        self.metrics = self._metrics_server()
         self.run_dir = runtime_dir(config.state_dir)
         self.run_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
         self.leaf_key = generate_leaf_key()
@@ -115,6 +120,7 @@ class Supervisor:
         self.hub = EventHub(events_socket_path(config.state_dir), file_path=config.events_file,
                             gateway_id=f"{socket.gethostname()}:{os.getpid()}",
                             subscriber_buffer_bytes=config.events_subscriber_buffer,
+                            remote=remote,
                             on_subscriber_closed=self._subscriber_closed)  # fmt: skip
         # the supervisor's own events (worker exits, lost subscribers): a source like a worker
         own_events = EventQueue()
@@ -150,16 +156,21 @@ class Supervisor:
                 os.chown(self.run_dir, -1, gid)
                 os.chown(events_socket_path(config.state_dir), -1, gid)
             self.control.start()
+            if self.metrics is not None:
+                self.metrics.start()
             self.arbiter.install_signals()
             first = self.arbiter.slots[0].listener
             banner(config, first.getsockname(), self.ca, self.ca_created, self.out)
             if self.steering_state["reason"]:
                 self.log(self.steering_state["reason"])
+            self._announce_management()
             self.arbiter.run(on_reload=self._reload, tick=self._keep_signer)
         finally:
             if self.rules is not None:
                 self.rules.remove()
             self.control.stop()
+            if self.metrics is not None:
+                self.metrics.stop()
             if self.steering is not None:
                 self.steering.close()
             self._restore_migrate()
@@ -167,6 +178,69 @@ class Supervisor:
                 self.signer_server.stop()
             self.hub.stop()
         return 0
+
+    # -- management over TCP (mutual TLS, events CA) -------------------------------------
+    def _mtls_context(self, listen: tuple[str, int], role: str, what: str) -> Any:
+        from tlsgate.supervisor import mtls
+        from tlsgate.supervisor.events_ca import listener_files, read_revoked
+
+        config = self.config
+        ca_file, cert, key, issued = listener_files(
+            config.state_dir, listen[0], what, ca_file=config.events_remote_ca,
+            cert_file=config.events_remote_cert, key_file=config.events_remote_key,
+        )  # fmt: skip
+        if issued:
+            self.log(f"issued the server certificate {cert} from the events CA")
+        check = mtls.ClientCheck(role, read_revoked(config.state_dir))
+        self._checks.append(check)
+        return mtls.server_context(ca_file, cert, key, check), check
+
+    def _remote_listener(self) -> Any:
+        from tlsgate.supervisor.eventhub import RemoteListener
+        from tlsgate.supervisor.events_ca import ROLE_SUBSCRIBER
+
+        listen = self.config.events_remote_listen
+        if listen is None:
+            return None
+        context, check = self._mtls_context(listen, ROLE_SUBSCRIBER, "the remote events listener")
+        return RemoteListener(listen, context, check)
+
+    def _metrics_server(self) -> Any:
+        from tlsgate.supervisor.events_ca import ROLE_SCRAPER
+        from tlsgate.supervisor.metrics_http import MetricsServer
+
+        listen = self.config.metrics_listen
+        if listen is None:
+            return None
+        context = None
+        if self.config.metrics_mtls:
+            context, _ = self._mtls_context(listen, ROLE_SCRAPER, "the metrics endpoint")
+        return MetricsServer(listen, lambda: prometheus_text(self.status()), context)
+
+    def _announce_management(self) -> None:
+        from tlsgate.paths import events_ca_dir
+
+        remote = self.hub.remote_address
+        if remote is not None:
+            host, port = remote
+            where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            ca_dir = events_ca_dir(self.config.state_dir)
+            self.log(f"remote events: mutual TLS on {where} (client certificates: tlsgate "
+                     f"events-ca issue-subscriber NAME --out DIR; CA {ca_dir})")  # fmt: skip
+        if self.metrics is not None:
+            host, port = self.metrics.bound
+            scheme = "https" if self.metrics.context is not None else "http"
+            self.log(f"metrics: {scheme}://{host}:{port}/metrics")
+
+    def _reload_revocations(self) -> None:
+        if not self._checks:
+            return
+        from tlsgate.supervisor.events_ca import read_revoked
+
+        revoked = read_revoked(self.config.state_dir)
+        for check in self._checks:
+            check.revoked = revoked
+        self.hub.set_revoked(revoked)
 
     def _prepare_pcap_dir(self) -> None:
         """The capture directory: created 0750, owned by the workers' user (they write it)."""
@@ -320,7 +394,9 @@ class Supervisor:
         """New configuration and CA; the arbiter then replaces the workers one at a time."""
         if self._reload_config is not None:
             new = self._reload_config()  # a bad file raises: the running workers stay
-            fixed = ("listen", "mode", "workers", "state_dir", "steering", "steering_policy")
+            fixed = ("listen", "mode", "workers", "state_dir", "steering", "steering_policy",
+                     "events_remote_listen", "events_remote_ca", "events_remote_cert",
+                     "events_remote_key", "metrics_listen", "metrics_mtls")  # fmt: skip
             changed = [k for k in fixed if getattr(new, k) != getattr(self.config, k)]
             if changed:
                 self.log(f"reload: {', '.join(changed)} cannot change while running; "
@@ -329,6 +405,7 @@ class Supervisor:
             self.config = new
         self._load_ca()
         self._start_signer()
+        self._reload_revocations()
 
     # -- management ----------------------------------------------------------------------------
     def _control(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -404,6 +481,7 @@ class Supervisor:
                 "entries": self.learned.entries(time.time()),
             },
             "events": self.hub.stats(),
+            "metrics_endpoint": self.metrics.stats() if self.metrics is not None else None,
             "ca": {"fingerprint_sha256": self.ca.fingerprint_sha256},
         }
 
@@ -445,9 +523,35 @@ def prometheus_text(status: dict[str, Any]) -> str:
            [("", events.get("produced", 0))])  # fmt: skip
     metric("events_dropped_total", "counter", "Events dropped, by stage.",
            [(f'{{stage="{k}"}}', v) for k, v in events.get("dropped", {}).items()])  # fmt: skip
-    metric("event_subscribers", "gauge", "Detection socket subscribers.",
+    metric("events_delivered_total", "counter", "Events written to subscribers (all).",
+           [("", events.get("delivered", 0))])  # fmt: skip
+    metric("event_subscribers", "gauge", "Detection stream subscribers (local and remote).",
            [("", events.get("subscribers", 0))])  # fmt: skip
+    subs = [(f'{{subscriber="{s["id"]}",name="{_label(s["name"])}",transport="{s["transport"]}"}}',
+             s) for s in events.get("per_subscriber", [])]  # fmt: skip
+    metric("event_subscriber_delivered_total", "counter", "Events written to this subscriber.",
+           [(lbl, s["delivered"]) for lbl, s in subs])  # fmt: skip
+    metric("event_subscriber_dropped_total", "counter", "Events this subscriber missed (gaps).",
+           [(lbl, s["dropped"]) for lbl, s in subs])  # fmt: skip
+    metric("event_subscriber_buffered_bytes", "gauge", "Bytes waiting for this subscriber.",
+           [(lbl, s["buffered_bytes"]) for lbl, s in subs])  # fmt: skip
+    remote = events.get("remote")
+    if remote is not None:
+        metric("events_remote_refused_total", "counter",
+               "Remote subscriber connections refused, by reason.",
+               [(f'{{reason="{k}"}}', v) for k, v in remote["refused"].items()])  # fmt: skip
+    endpoint = status.get("metrics_endpoint")
+    if endpoint is not None:
+        metric("metrics_requests_total", "counter", "Requests to this metrics endpoint.",
+               [("", endpoint["requests"])])  # fmt: skip
+        metric("metrics_refused_total", "counter", "Metrics connections refused, by reason.",
+               [(f'{{reason="{k}"}}', v) for k, v in endpoint["refused"].items()])  # fmt: skip
     return "\n".join(out) + "\n"
+
+
+def _label(value: str) -> str:
+    """``value`` escaped for a Prometheus label value."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 def run_supervisor(

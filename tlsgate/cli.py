@@ -29,6 +29,8 @@ def _run(args: argparse.Namespace) -> int:
         "upstream_ca_bundle": args.upstream_ca_bundle,
         "ca_passphrase_file": args.ca_passphrase_file,
         "events.file": args.events_file,
+        "events.remote_listen": args.events_remote_listen,
+        "metrics.listen": args.metrics_listen,
         "capture.pcap_dir": args.pcap_dir,
         "capture.pcap_over_ip": args.pcap_over_ip,
         "worker_user": args.worker_user,
@@ -62,6 +64,7 @@ def _run(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from tlsgate.supervisor.ca_commands import add_ca_parser, add_passphrase_options
     from tlsgate.supervisor.control_commands import add_control_parsers
+    from tlsgate.supervisor.events_ca_commands import add_events_ca_parser
     from tlsgate.supervisor.events_commands import add_events_parser
 
     parser = argparse.ArgumentParser(
@@ -85,6 +88,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--events-file", metavar="FILE", help="also append every event (msgpack stream) to FILE"
+    )
+    run.add_argument(
+        "--events-remote-listen",
+        metavar="ADDR:PORT",
+        help="also serve the detection stream over TCP with mutual TLS (client certificates "
+        "from `tlsgate events-ca issue-subscriber`; never the interception CA)",
+    )
+    run.add_argument(
+        "--metrics-listen",
+        metavar="ADDR:PORT",
+        help="serve Prometheus metrics over HTTP at /metrics (loopback only, unless "
+        "[metrics] mtls = true)",
     )
     run.add_argument(
         "--pcap-dir",
@@ -146,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_ca_parser(sub)
     add_events_parser(sub)
+    add_events_ca_parser(sub)
     add_control_parsers(sub)
     return parser
 

@@ -51,3 +51,8 @@ def events_socket_path(state_dir: Path) -> Path:
 
 def control_socket_path(state_dir: Path) -> Path:
     return runtime_dir(state_dir) / "control.sock"
+
+
+def events_ca_dir(state_dir: Path) -> Path:
+    """The events CA (remote subscribers, metrics scrapers): never the interception CA."""
+    return state_dir / "events-ca"

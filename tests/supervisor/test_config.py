@@ -83,6 +83,40 @@ def test_config_is_immutable() -> None:
         Config().mode = "transparent"  # type: ignore[misc]
 
 
+def test_remote_events_and_metrics_are_off_by_default() -> None:
+    config = build_config({})
+    assert config.events_remote_listen is None
+    assert config.metrics_listen is None and config.metrics_mtls is False
+
+
+def test_remote_listen_and_metrics_come_from_the_file_and_flags(tmp_path: Path) -> None:
+    path = tmp_path / "tlsgate.toml"
+    path.write_text('[events]\nremote_listen = "198.18.0.1:57100"\n[metrics]\nmtls = true\n')
+    config = load_config(path, {"metrics.listen": "198.18.0.1:9464"})
+    assert config.events_remote_listen == ("198.18.0.1", 57100)
+    assert config.metrics_listen == ("198.18.0.1", 9464) and config.metrics_mtls
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"metrics": {"listen": "198.18.0.1:9464"}}, "must use mutual TLS"),
+        ({"metrics": {"listen": "0.0.0.0:9464"}}, "must use mutual TLS"),
+        ({"metrics": {"listen": "127.0.0.1:9464", "mtls": "yes"}}, "true or false"),
+        ({"metrics": {"port": 1}}, "unknown setting 'port'"),
+        ({"events": {"remote_listen": "ids.example:1"}}, "not an IP address"),
+        ({"events": {"remote_cert": "/x.pem"}}, "go together"),
+    ],
+)
+def test_management_over_tcp_settings_are_checked(data: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        build_config(data)
+
+
+def test_metrics_on_loopback_need_no_mtls() -> None:
+    assert build_config({"metrics": {"listen": "[::1]:9464"}}).metrics_listen == ("::1", 9464)
+
+
 def test_mail_ports_default_to_the_starttls_ports_and_are_configurable() -> None:
     default = build_config({})
     assert (default.smtp_ports, default.imap_ports, default.pop3_ports) == (

@@ -420,6 +420,7 @@ def test_stats_count_produced_delivered_dropped_and_subscribers(
         "subscribers": 0,
         "subscribers_closed": 0,
         "sources": 1,
+        "per_subscriber": [],
     }
     subs = [connect(path), connect(path)]
     wait_for(lambda: hub.stats()["subscribers"] == 2)
@@ -429,6 +430,13 @@ def test_stats_count_produced_delivered_dropped_and_subscribers(
         sub.read_until(lambda events: len(events) >= 101)
     wait_for(lambda: hub.stats()["delivered"] == 2 * 101)
     assert hub.stats()["produced"] == 100
+    per_subscriber = hub.stats()["per_subscriber"]
+    assert [(s["transport"], s["delivered"], s["dropped"]) for s in per_subscriber] == [
+        ("unix", 101, 0),
+        ("unix", 101, 0),
+    ]
+    assert all(s["name"] == f"unix:pid {os.getpid()} (uid {os.getuid()})" for s in per_subscriber)
+    assert len({s["id"] for s in per_subscriber}) == 2
     subs[0].close()
     wait_for(lambda: hub.stats()["subscribers"] == 1)
     assert hub.stats()["subscribers_closed"] == 1
