@@ -1,0 +1,76 @@
+"""A detection-socket subscriber that counts what it receives (a thread of the suite).
+
+Per scenario the suite compares the gateway's produced events (its hub's counters) with
+what this subscriber received plus the losses gap events reported: an IDS must be able to
+account for every event.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgpack
+
+
+@dataclass(frozen=True)
+class Counts:
+    received: int
+    gaps: int
+
+
+class CountingSubscriber:
+    """Connects to ``events.sock`` and counts worker events and gap losses until closed."""
+
+    def __init__(self, path: Path, timeout: float = 10.0) -> None:
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self._sock.connect(str(path))
+                break
+            except OSError as exc:
+                if time.monotonic() > deadline:
+                    self._sock.close()
+                    raise RuntimeError(f"cannot subscribe to {path}: {exc}") from exc
+                time.sleep(0.05)
+        self._lock = threading.Lock()
+        self._received = 0
+        self._gaps = 0
+        self._thread = threading.Thread(target=self._read, name="event-counter", daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        unpacker = msgpack.Unpacker(raw=False)
+        while True:
+            try:
+                chunk = self._sock.recv(1 << 20)
+            except OSError:
+                return
+            if not chunk:
+                return
+            unpacker.feed(chunk)
+            received = gaps = 0
+            for event in unpacker:
+                if event.get("type") == "gap":
+                    gaps += int(event.get("dropped", 0))
+                elif int(event.get("worker", -1)) >= 0:
+                    received += 1
+            with self._lock:
+                self._received += received
+                self._gaps += gaps
+
+    def counts(self) -> Counts:
+        with self._lock:
+            return Counts(self._received, self._gaps)
+
+    def close(self) -> None:
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._sock.close()
+        self._thread.join(timeout=5)
