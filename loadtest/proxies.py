@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from tlsgate.loadtest.procstat import process_tree
 from tlsgate.loadtest.topology import Topology
 
 PEER_PORT = 8443
@@ -59,9 +61,22 @@ class Proxy:
         self.workers = workers
 
     def stop(self) -> None:
-        if self.proc is not None:
-            self.topo.stop(self.proc, timeout=20)
-            self.proc = None
+        """Stop the proxy, then wait (bounded) for every process of its tree to be gone,
+        killing a straggler by PID."""
+        if self.proc is None:
+            return
+        tree = [p for p in process_tree(self.proc.pid) if p != self.proc.pid]
+        self.topo.stop(self.proc, timeout=20)
+        self.proc = None
+        deadline = time.monotonic() + 10
+        while tree and time.monotonic() < deadline:
+            tree = [p for p in tree if _alive(p)]
+            time.sleep(0.05)
+        for pid in tree:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
     def worker_pids(self) -> list[int]:
         """Processes that carry connections (for RSS per worker)."""
@@ -178,8 +193,7 @@ class Sslsplit(Proxy):
 
     def start(self, workers: int) -> None:
         super().start(workers)
-        if shutil.which("sslsplit") is None:
-            raise ProxyError("sslsplit is not installed: apt-get install sslsplit")
+        _apt_install("sslsplit", "sslsplit")
         ca = _peer_ca(self.workdir)
         self.topo.gateway_nft(REDIRECT_RULES.format(port=PEER_PORT))
         # -u root: its CA files are in our temp dir; -e netfilter: REDIRECT's SO_ORIGINAL_DST
@@ -245,6 +259,15 @@ class Mitmproxy(Proxy):
         )
 
 
+def _alive(pid: int) -> bool:
+    """Running (a zombie waiting for its parent counts as gone)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
 def _peer_ca(workdir: Path) -> Path:
     """A CA for a peer proxy (tlsgate's CA code, unencrypted key), made once per run."""
     from tlsgate.supervisor.ca import init_ca
@@ -253,6 +276,36 @@ def _peer_ca(workdir: Path) -> Path:
     if not (base / "ca" / "cert.pem").exists():
         init_ca(base)
     return base / "ca"
+
+
+def _apt_install(tool: str, package: str) -> None:
+    """Debian's package for a peer, installed on first use (waits for the dpkg lock)."""
+    if shutil.which(tool) is not None:
+        return
+    try:
+        subprocess.run(
+            [
+                "apt-get",
+                "-o",
+                "DPkg::Lock::Timeout=600",
+                "install",
+                "-y",
+                "-qq",
+                "--no-install-recommends",
+                package,
+            ],
+            check=True,
+            capture_output=True,
+            timeout=900,
+            env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
+        )
+    except (OSError, subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
+        raise ProxyError(
+            f"installing {package} failed ({exc}); run apt-get update, then "
+            f"apt-get install {package}"
+        ) from exc
+    if shutil.which(tool) is None:
+        raise ProxyError(f"{package} installed but {tool} is not on PATH")
 
 
 def cache_dir() -> Path:

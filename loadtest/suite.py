@@ -143,6 +143,7 @@ class Settings:
     client_cpus: set[int]
     out: Path
     plots: bool = True
+    ceiling: bool = True
 
 
 class Bench:
@@ -359,22 +360,29 @@ class Bench:
 
 
 @contextmanager
-def _terminate_as_interrupt() -> Iterator[None]:
-    def handler(signum: int, frame: FrameType | None) -> None:
+def _signals_unwind() -> Iterator[None]:
+    """SIGINT and SIGTERM raise in the main thread, so every teardown runs (SIGINT is set
+    explicitly: a shell starts background jobs with it ignored)."""
+
+    def terminate(signum: int, frame: FrameType | None) -> None:
         raise Terminated(f"signal {signum}")
 
-    previous = signal.signal(signal.SIGTERM, handler)
+    previous = {
+        signal.SIGTERM: signal.signal(signal.SIGTERM, terminate),
+        signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler),
+    }
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def plan(s: Settings) -> list[tuple[int, str, int, list[str]]]:
     """(round, proxy, workers, scenarios) in run order: proxies interleave within a round."""
     steps: list[tuple[int, str, int, list[str]]] = []
     for r in range(s.rounds):
-        for p in ["none", *s.proxies]:
+        for p in ["none", *s.proxies] if s.ceiling else s.proxies:
             scen = [x for x in s.scenarios if p != "none" or x not in ("idle", "names")]
             steps.append((r, p, s.workers, scen))
             if p == "tlsgate":
@@ -399,7 +407,7 @@ def run(s: Settings) -> list[Row]:
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 65536)), hard))
     rows: list[Row] = []
     steps = plan(s)
-    with ExitStack() as stack, _terminate_as_interrupt():
+    with ExitStack() as stack, _signals_unwind():
         workdir = Path(tempfile.mkdtemp(prefix="tlsgate-loadtest-"))
         stack.callback(shutil.rmtree, workdir, True)
         progress = stack.enter_context(report.Progress(sum(len(x[3]) for x in steps)))
@@ -408,7 +416,7 @@ def run(s: Settings) -> list[Row]:
         bench = Bench(s, topo, workdir, progress.say)
         bench.start_origin()
         progress.say(
-            f"topology {topo.client} → {topo.gateway} → {topo.server}; proxies on CPU "
+            f"topology {topo.client} → {topo.gateway} → {topo.server} in {workdir}; proxies on CPU "
             f"{sorted(s.gateway_cpus)}, clients and nginx on CPU {sorted(s.client_cpus)}"
         )
         for round_, name, workers, scenarios in steps:
@@ -427,6 +435,8 @@ def run(s: Settings) -> list[Row]:
                     rows.append(row)
                     progress.advance(row)
             finally:
+                # load first: a proxy that drains on SIGTERM would wait for its clients
+                topo.stop_all(topo.client)
                 proxy.stop()
     return rows
 
@@ -484,6 +494,9 @@ def settings_from_args(argv: list[str] | None) -> Settings:
     )
     parser.add_argument("--out", default="loadtest-results", help="output directory")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    parser.add_argument(
+        "--no-ceiling", action="store_true", help="skip the no-interception (routed) rows"
+    )
     a = parser.parse_args(argv)
     quick = a.quick
     return Settings(
@@ -500,6 +513,7 @@ def settings_from_args(argv: list[str] | None) -> Settings:
         client_cpus=parse_cpus(a.client_cpus),
         out=Path(a.out),
         plots=not a.no_plots,
+        ceiling=not a.no_ceiling,
     )
 
 
@@ -513,7 +527,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     s.out.mkdir(parents=True, exist_ok=True)
     summary = report.summarize(rows)
-    doc = {
+    ratio_rows = report.ratios(summary)
+    doc: dict[str, Any] = {
         "started": started,
         "seconds": s.seconds,
         "rounds": s.rounds,
@@ -523,10 +538,10 @@ def main(argv: list[str] | None = None) -> int:
         "argv": sys.argv,
         "rows": [r.as_json() for r in rows],
         "summary": summary,
-        "ratios": report.ratios(summary),
+        "ratios": ratio_rows,
     }
     (s.out / "results.json").write_text(json.dumps(doc, indent=1))
-    report.print_table(summary, doc["ratios"])
+    report.print_table(summary, ratio_rows)
     if s.plots:
         for png in report.plot(summary, s.out):
             print(f"plot: {png}")

@@ -72,7 +72,7 @@ class Topology:
         self.gateway_client_ip = f"198.18.{n}.1"
         self.gateway_server_ip = f"198.18.{n + 1}.1"
         self.server_ip = f"198.18.{n + 1}.2"
-        self._procs: list[subprocess.Popen[Any]] = []
+        self._procs: list[tuple[str, subprocess.Popen[Any]]] = []
         self._made: list[str] = []
 
     @property
@@ -143,7 +143,7 @@ class Topology:
     ) -> subprocess.Popen[Any]:
         """Start ``argv`` in ``ns``; :meth:`close` stops it by PID if it is still running."""
         proc = subprocess.Popen(self.command(ns, argv), preexec_fn=pinned(cpus), **kw)
-        self._procs.append(proc)
+        self._procs.append((ns, proc))
         return proc
 
     def gateway_nft(self, ruleset: str) -> None:
@@ -158,13 +158,20 @@ class Topology:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout=5)
-        if proc in self._procs:
-            self._procs.remove(proc)
+        self._procs = [(ns, p) for ns, p in self._procs if p is not proc]
         return proc.returncode
 
+    def stop_all(self, ns: str | None = None) -> None:
+        """Stop the processes started in ``ns`` (all if None), the latest first."""
+        for where, proc in reversed(list(self._procs)):
+            if ns is None or where == ns:
+                self.stop(proc)
+
     def close(self) -> None:
-        for proc in list(self._procs):
-            self.stop(proc)
+        # clients before the proxy before the server: a draining proxy waits for its clients
+        for ns in (self.client, self.gateway, self.server):
+            self.stop_all(ns)
+        self.stop_all()
         for ns in self._made:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10,
                            check=False)  # fmt: skip
