@@ -48,7 +48,7 @@ from tlsgate.workers.origdst import original_destination
 from tlsgate.workers.pcap import FlowSynthesizer
 from tlsgate.workers.policy import Decision
 from tlsgate.workers.relay import EndpointError, Relay, TcpEndpoint, TlsEndpoint
-from tlsgate.workers.upstream import UpstreamInfo
+from tlsgate.workers.upstream import UpstreamInfo, session_reused
 
 if TYPE_CHECKING:
     from tlsgate.workers.worker import Worker
@@ -58,6 +58,8 @@ logger = logging.getLogger(__name__)
 #: ALPN offered upstream while validating for a CONNECT, before the client's offer is known.
 PREFLIGHT_ALPN = (b"h2", b"http/1.1")
 MAX_PEEK = 65536
+#: close reasons after which an upstream session may be resumed (no error on either leg)
+CLEAN_ENDS = frozenset({"client-closed", "upstream-closed"})
 
 # TLS alert descriptions (RFC 8446 §6)
 ALERT_HANDSHAKE_FAILURE = 40
@@ -555,6 +557,8 @@ class Interception:
             w.capture.submit(flow.close())
         up = self.upstream
         if up is not None:
+            if self.close_reason.split(":", 1)[0] in CLEAN_ENDS:
+                w.validator.remember(up.conn)
             up.sock.close()
         bypass = getattr(self, "_bypass_sock", None)
         if bypass is not None:
@@ -572,8 +576,10 @@ class Interception:
             "decision": self.decision.value if self.decision else None,
             "client_tls_version": cc.get_protocol_version_name() if cc else None,
             "client_cipher": cc.get_cipher_name() if cc else None,
+            "client_resumed": session_reused(cc) if cc and self.handshake_done else None,
             "upstream_tls_version": info.tls_version if info else None,
             "upstream_cipher": info.cipher if info else None,
+            "upstream_resumed": info.session_reused if info else None,
             "alpn": info.alpn.decode("latin-1") if info and info.alpn else None,
             "upstream_subject": info.subject if info else None,
             "upstream_issuer": info.issuer if info else None,
