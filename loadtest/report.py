@@ -72,6 +72,11 @@ def line(row: Row) -> str:
     ev = ""
     if row.events_produced is not None:
         ev = f"  events {row.events_received}+{row.events_gaps} gaps/{row.events_produced}"
+    if row.closes:
+        ev += (
+            f"  resumed client {row.client_resumed}/{row.closes} upstream "
+            f"{row.upstream_resumed}/{row.closes}"
+        )
     return (
         f"{head}  {_fmt(row.rate)} {row.unit}/s  p50/90/99 {_fmt(row.p50_ms, 2)}/"
         f"{_fmt(row.p90_ms, 2)}/{_fmt(row.p99_ms, 2)} ms  errors {row.errors}  "
@@ -115,6 +120,9 @@ def summarize(rows: Sequence[Row]) -> list[dict[str, Any]]:
             entry["events_produced"] = sum(produced)
             entry["events_received"] = sum(r.events_received or 0 for r in ok)
             entry["events_gaps"] = sum(r.events_gaps or 0 for r in ok)
+            entry["closes"] = sum(r.closes or 0 for r in ok)
+            entry["client_resumed"] = sum(r.client_resumed or 0 for r in ok)
+            entry["upstream_resumed"] = sum(r.upstream_resumed or 0 for r in ok)
         out.append(entry)
     return out
 

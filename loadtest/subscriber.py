@@ -20,10 +20,22 @@ import msgpack
 class Counts:
     received: int
     gaps: int
+    #: conn_close events, and how many of them resumed a session on each leg
+    closes: int = 0
+    client_resumed: int = 0
+    upstream_resumed: int = 0
+
+    def __sub__(self, other: Counts) -> Counts:
+        return Counts(*(a - b for a, b in zip(self.astuple(), other.astuple(), strict=True)))
+
+    def astuple(self) -> tuple[int, ...]:
+        return (self.received, self.gaps, self.closes, self.client_resumed,
+                self.upstream_resumed)  # fmt: skip
 
 
 class CountingSubscriber:
-    """Connects to ``events.sock`` and counts worker events and gap losses until closed."""
+    """Connects to ``events.sock`` and counts worker events, gap losses and resumed
+    connections (``conn_close``) until closed."""
 
     def __init__(self, path: Path, timeout: float = 10.0) -> None:
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -38,8 +50,7 @@ class CountingSubscriber:
                     raise RuntimeError(f"cannot subscribe to {path}: {exc}") from exc
                 time.sleep(0.05)
         self._lock = threading.Lock()
-        self._received = 0
-        self._gaps = 0
+        self._counts = Counts(0, 0)
         self._thread = threading.Thread(target=self._read, name="event-counter", daemon=True)
         self._thread.start()
 
@@ -53,19 +64,30 @@ class CountingSubscriber:
             if not chunk:
                 return
             unpacker.feed(chunk)
-            received = gaps = 0
+            received = gaps = closes = client = upstream = 0
             for event in unpacker:
-                if event.get("type") == "gap":
+                kind = event.get("type")
+                if kind == "gap":
                     gaps += int(event.get("dropped", 0))
                 elif int(event.get("worker", -1)) >= 0:
                     received += 1
+                    if kind == "conn_close":
+                        closes += 1
+                        client += event.get("client_resumed") is True
+                        upstream += event.get("upstream_resumed") is True
             with self._lock:
-                self._received += received
-                self._gaps += gaps
+                c = self._counts
+                self._counts = Counts(
+                    c.received + received,
+                    c.gaps + gaps,
+                    c.closes + closes,
+                    c.client_resumed + client,
+                    c.upstream_resumed + upstream,
+                )
 
     def counts(self) -> Counts:
         with self._lock:
-            return Counts(self._received, self._gaps)
+            return self._counts
 
     def close(self) -> None:
         try:

@@ -50,7 +50,7 @@ from tlsgate.loadtest import generators, origin, report
 from tlsgate.loadtest.procstat import rss_mib, tree_cpu_seconds
 from tlsgate.loadtest.proxies import PROXIES, NoProxy, Proxy, ProxyError, Tlsgate
 from tlsgate.loadtest.shim import build_shim, shim_env
-from tlsgate.loadtest.subscriber import CountingSubscriber
+from tlsgate.loadtest.subscriber import CountingSubscriber, Counts
 from tlsgate.loadtest.topology import Topology, netns_available
 
 SCENARIOS = ("newconn", "newconn-resumed", "keepalive", "bulk", "names", "h2", "mixed", "idle")
@@ -92,6 +92,10 @@ class Row:
     events_produced: int | None = None
     events_received: int | None = None
     events_gaps: int | None = None
+    #: conn_close events, and how many resumed a session with the client / the server
+    closes: int | None = None
+    client_resumed: int | None = None
+    upstream_resumed: int | None = None
     status: str = "ok"  # or "n/a: <why>"
     note: str = ""
     error_detail: dict[str, int] = field(default_factory=dict)
@@ -320,18 +324,20 @@ class Bench:
         return int(ev["produced"]) + int(ev["dropped"]["worker-queue"])
 
     def _settle_events(
-        self, proxy: Proxy, sub: CountingSubscriber, base: Any, produced0: int, row: Row
+        self, proxy: Proxy, sub: CountingSubscriber, base: Counts, produced0: int, row: Row
     ) -> None:
         """Wait (bounded) until the subscriber has seen or been told of every event."""
         deadline = time.monotonic() + 10
         while True:
             time.sleep(0.3)
             produced = (self._produced(proxy) or 0) - produced0
-            now = sub.counts()
-            received, gaps = now.received - base.received, now.gaps - base.gaps
-            if received + gaps >= produced or time.monotonic() > deadline:
+            got = sub.counts() - base
+            if got.received + got.gaps >= produced or time.monotonic() > deadline:
                 break
-        row.events_produced, row.events_received, row.events_gaps = produced, received, gaps
+        row.events_produced, row.events_received, row.events_gaps = (produced, got.received,
+                                                                     got.gaps)  # fmt: skip
+        row.closes, row.client_resumed, row.upstream_resumed = (got.closes, got.client_resumed,
+                                                                got.upstream_resumed)  # fmt: skip
 
     # -- the run --------------------------------------------------------------------------
     def start_origin(self) -> None:

@@ -14,10 +14,11 @@ Rules (the policy-safety argument, also in docs/performance.md):
 - Entries live at most ``lifetime`` seconds (default 300, below the verdict cache's 10 min)
   and never past the leaf's notAfter; a revocation published meanwhile is seen at the next
   full handshake, as with the verdict cache.
-- Bounded: at most ``max_entries`` per worker, least recently used evicted. An entry is
-  taken out when offered (one use; the connection stores its own, newer session when it
-  ends cleanly), so a session is never offered twice (TLS 1.3 tickets are single-use by
-  advice of RFC 8446 §C.4).
+- Bounded: at most ``max_entries`` sessions per worker and ``per_key`` per key (concurrent
+  connections to one server each need their own), the least recently used key's oldest
+  session evicted first. A session is taken out when offered (one use; the connection
+  stores its own, newer session when it ends cleanly), so a session is never offered twice
+  (TLS 1.3 tickets are single-use by advice of RFC 8446 §C.4).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 DEFAULT_MAX_ENTRIES = 1024
+DEFAULT_PER_KEY = 32
 DEFAULT_LIFETIME = 300.0
 
 S = TypeVar("S")  # the session object (OpenSSL.SSL.Session)
@@ -61,6 +63,7 @@ class UpstreamSessionCache(Generic[S, I]):
         self,
         max_entries: int = DEFAULT_MAX_ENTRIES,
         lifetime: float = DEFAULT_LIFETIME,
+        per_key: int = DEFAULT_PER_KEY,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], datetime.datetime] = lambda: datetime.datetime.now(datetime.UTC),
     ) -> None:
@@ -68,26 +71,34 @@ class UpstreamSessionCache(Generic[S, I]):
             raise ValueError("max_entries and lifetime must be ≥ 0 (0 turns reuse off)")
         self.max_entries = max_entries
         self.lifetime = lifetime
+        self.per_key = max(1, per_key)
         self._clock = clock
         self._wall = wall
-        self._entries: OrderedDict[SessionKey, CachedSession[S, I]] = OrderedDict()
+        self._entries: OrderedDict[SessionKey, list[CachedSession[S, I]]] = OrderedDict()
+        self._count = 0
         self.offered = 0
         self.stored = 0
         self.expired = 0
         self.evicted = 0
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return self._count
 
     def take(self, key: SessionKey) -> CachedSession[S, I] | None:
-        entry = self._entries.pop(key, None)
-        if entry is None:
-            return None
-        if entry.expires <= self._clock():
+        """The newest unexpired session for ``key``, removed from the cache."""
+        pool = self._entries.get(key)
+        now = self._clock()
+        while pool:
+            entry = pool.pop()
+            self._count -= 1
+            if entry.expires > now:
+                if not pool:
+                    del self._entries[key]
+                self.offered += 1
+                return entry
             self.expired += 1
-            return None
-        self.offered += 1
-        return entry
+        self._entries.pop(key, None)
+        return None
 
     def store(self, key: SessionKey, session: S, info: I, not_after: datetime.datetime) -> None:
         if self.max_entries == 0 or self.lifetime == 0:
@@ -96,9 +107,19 @@ class UpstreamSessionCache(Generic[S, I]):
         left = (not_after - self._wall()).total_seconds()
         if left <= 0:
             return
-        self._entries[key] = CachedSession(session, info, now + min(self.lifetime, left))
+        pool = self._entries.setdefault(key, [])
+        pool.append(CachedSession(session, info, now + min(self.lifetime, left)))
         self._entries.move_to_end(key)
+        self._count += 1
         self.stored += 1
-        while len(self._entries) > self.max_entries:
-            self._entries.popitem(last=False)
+        if len(pool) > self.per_key:
+            del pool[0]
+            self._count -= 1
             self.evicted += 1
+        while self._count > self.max_entries:
+            oldest_key, oldest = next(iter(self._entries.items()))
+            del oldest[0]
+            self._count -= 1
+            self.evicted += 1
+            if not oldest:
+                del self._entries[oldest_key]

@@ -51,6 +51,22 @@ def test_a_session_is_never_offered_for_another_name_sni_address_port_or_alpn_of
     assert c.take(other) is None
 
 
+def test_concurrent_connections_to_one_server_each_get_their_own_session() -> None:
+    c, _ = cache(max_entries=8)
+    for i in range(3):
+        c.store(KEY, f"session-{i}", "info", LATER)
+    taken = [c.take(KEY) for _ in range(4)]
+    assert [t.session if t else None for t in taken] == ["session-2", "session-1", "session-0",
+                                                         None]  # fmt: skip
+
+
+def test_one_server_cannot_hold_more_than_its_share_of_sessions() -> None:
+    c = UpstreamSessionCache[str, str](max_entries=100, per_key=2, wall=lambda: NOW)
+    for i in range(5):
+        c.store(KEY, f"session-{i}", "info", LATER)
+    assert len(c) == 2 and c.evicted == 3
+
+
 def test_sessions_expire_after_their_lifetime() -> None:
     c, now = cache(lifetime=300)
     c.store(KEY, "session", "info", LATER)
