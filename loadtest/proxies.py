@@ -52,6 +52,8 @@ class Proxy:
         self.cpus = cpus
         self.proc: subprocess.Popen[Any] | None = None
         self.workers = 1
+        #: a configuration file's text for this start (tlsgate only)
+        self.config_text = ""
 
     @property
     def pid(self) -> int | None:
@@ -142,6 +144,10 @@ class Tlsgate(Proxy):
             "--workers",
             str(workers),
         ]
+        if self.config_text:
+            config = self.workdir / "tlsgate.toml"
+            config.write_text(self.config_text)
+            argv += ["--config", str(config)]
         self._spawn(argv, "tlsgate.log")
         self._wait_ready(workers)
 

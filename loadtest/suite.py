@@ -66,6 +66,8 @@ UNITS = {
     "idle": "conn",
 }
 URL = f"https://{origin.NAME}"
+#: scenario suffix: tlsgate runs with upstream session reuse off ([limits] upstream_sessions)
+NO_UPSTREAM_REUSE = "@no-upstream-reuse"
 
 
 class Terminated(BaseException):
@@ -391,6 +393,9 @@ def plan(s: Settings) -> list[tuple[int, str, int, list[str]]]:
         for p in ["none", *s.proxies] if s.ceiling else s.proxies:
             scen = [x for x in s.scenarios if p != "none" or x not in ("idle", "names")]
             steps.append((r, p, s.workers, scen))
+            if p == "tlsgate" and "newconn" in s.scenarios:
+                # what upstream session reuse saves: the same load with it off
+                steps.append((r, p, s.workers, [f"newconn{NO_UPSTREAM_REUSE}"]))
             if p == "tlsgate":
                 for w in s.scaling:
                     if w != s.workers:
@@ -428,6 +433,8 @@ def run(s: Settings) -> list[Row]:
         for round_, name, workers, scenarios in steps:
             proxy = bench.proxy(name)
             try:
+                if any(x.endswith(NO_UPSTREAM_REUSE) for x in scenarios):
+                    proxy.config_text = "[limits]\nupstream_sessions = 0\n"
                 proxy.start(workers)
             except ProxyError as exc:
                 for scen in scenarios:

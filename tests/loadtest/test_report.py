@@ -88,14 +88,18 @@ def test_rounds_interleave_the_proxies_and_the_ceiling_and_scaling_runs_only_for
     assert steps == [
         (0, "none", 1),
         (0, "tlsgate", 1),
+        (0, "tlsgate", 1),
         (0, "tlsgate", 2),
         (0, "sslsplit", 1),
         (1, "none", 1),
+        (1, "tlsgate", 1),
         (1, "tlsgate", 1),
         (1, "tlsgate", 2),
         (1, "sslsplit", 1),
     ]
     assert plan(s)[0][3] == ["newconn"]  # nothing to hold open or mint without a proxy
+    # what upstream session reuse saves is measured on a gateway started without it
+    assert plan(s)[2][3] == ["newconn@no-upstream-reuse"]
 
 
 def test_plots_are_written_for_throughput_latency_and_scaling(tmp_path: Path) -> None:

@@ -82,7 +82,8 @@ def test_a_tiny_run_reports_every_scenario_with_zero_errors_and_no_lost_events(
         for s in ("newconn", "newconn-resumed", "keepalive", "bulk", "names", "h2", "mixed", "idle")
     }
     expected |= {("none", s, 1) for s in ("newconn", "keepalive", "bulk", "h2", "mixed")}
-    expected |= {("tlsgate", "newconn@scaling", 2), ("tlsgate", "keepalive@scaling", 2)}
+    expected |= {("tlsgate", "newconn@scaling", 2), ("tlsgate", "keepalive@scaling", 2),
+                 ("tlsgate", "newconn@no-upstream-reuse", 1)}  # fmt: skip
     assert expected <= set(rows)
     for key in expected:
         row = rows[key]
@@ -97,6 +98,12 @@ def test_a_tiny_run_reports_every_scenario_with_zero_errors_and_no_lost_events(
             assert row["events_gaps"] == 0, row
             assert row["events_received"] == row["events_produced"] > 0, row
     assert rows[("tlsgate", "idle", 1)]["requests"] == 20
+    # every new connection a full handshake with the client (the shim), seen by the gateway
+    newconn = rows[("tlsgate", "newconn", 1)]
+    assert newconn["closes"] >= newconn["requests"] and newconn["client_resumed"] == 0
+    assert rows[("tlsgate", "newconn-resumed", 1)]["client_resumed"] > 0
+    assert newconn["upstream_resumed"] > 0
+    assert rows[("tlsgate", "newconn@no-upstream-reuse", 1)]["upstream_resumed"] == 0
     assert rows[("tlsgate", "bulk", 1)]["bytes"] >= 10 * 1024 * 1024
     for png in ("throughput.png", "latency.png", "scaling.png"):
         assert (tmp_path / png).stat().st_size > 1000
