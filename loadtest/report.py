@@ -109,6 +109,7 @@ def summarize(rows: Sequence[Row]) -> list[dict[str, Any]]:
             out.append(entry)
             continue
         entry["status"] = "ok"
+        entry["note"] = next((r.note for r in ok if r.note), "")
         for fig in FIGURES:
             entry[fig] = _median([getattr(r, fig) for r in ok])
         entry["errors"] = sum(r.errors for r in ok)
@@ -281,3 +282,43 @@ def machine() -> dict[str, Any]:
         "kernel": platform.release(),
         "python": platform.python_version(),
     }
+
+
+def markdown(summary: Sequence[dict[str, Any]], ratio_rows: Sequence[dict[str, Any]]) -> str:
+    """The summary and the ratios as Markdown tables (docs/benchmarks.md takes them as is)."""
+    out = [
+        "| proxy | workers | scenario | rate | p50 ms | p90 ms | p99 ms | errors | CPU s/1k "
+        "| CPU s/GB | RSS MiB | events rcvd+gaps/produced | resumed client/upstream |",
+        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
+        "| ---: |",
+    ]
+    for e in summary:
+        if e.get("status") != "ok":
+            out.append(
+                f"| {e['proxy']} | {e['workers']} | {e['scenario']} | {e['status']} "
+                "| | | | | | | | | |"
+            )
+            continue
+        events = resumed = "–"
+        if "events_produced" in e:
+            events = f"{e['events_received']}+{e['events_gaps']}/{e['events_produced']}"
+            resumed = f"{e['client_resumed']}/{e['upstream_resumed']} of {e['closes']}"
+        out.append(
+            f"| {e['proxy']} | {e['workers']} | {e['scenario']} | {_fmt(e['rate'])} {e['unit']}/s "
+            f"| {_fmt(e['p50_ms'], 2)} | {_fmt(e['p90_ms'], 2)} | {_fmt(e['p99_ms'], 2)} "
+            f"| {e['errors']} | {_fmt(e['cpu_per_1k'], 3)} | {_fmt(e['cpu_per_gb'], 2)} "
+            f"| {_fmt(e['rss_max_mib'], 0)} | {events} | {resumed} |"
+        )
+    if ratio_rows:
+        out += [
+            "",
+            "| scenario | tlsgate ÷ | rate | CPU s/1k | CPU s/GB | p99 |",
+            "| --- | --- | ---: | ---: | ---: | ---: |",
+        ]
+        for r in ratio_rows:
+            out.append(
+                f"| {r['scenario']} | {r['versus']} | "
+                + " | ".join(_fmt(r[f], 2) for f in RATIO_FIGURES)
+                + " |"
+            )
+    return "\n".join(out) + "\n"

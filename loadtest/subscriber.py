@@ -24,13 +24,15 @@ class Counts:
     closes: int = 0
     client_resumed: int = 0
     upstream_resumed: int = 0
+    #: http events (inspected HTTP exchanges)
+    http: int = 0
 
     def __sub__(self, other: Counts) -> Counts:
         return Counts(*(a - b for a, b in zip(self.astuple(), other.astuple(), strict=True)))
 
     def astuple(self) -> tuple[int, ...]:
         return (self.received, self.gaps, self.closes, self.client_resumed,
-                self.upstream_resumed)  # fmt: skip
+                self.upstream_resumed, self.http)  # fmt: skip
 
 
 class CountingSubscriber:
@@ -64,13 +66,14 @@ class CountingSubscriber:
             if not chunk:
                 return
             unpacker.feed(chunk)
-            received = gaps = closes = client = upstream = 0
+            received = gaps = closes = client = upstream = http = 0
             for event in unpacker:
                 kind = event.get("type")
                 if kind == "gap":
                     gaps += int(event.get("dropped", 0))
                 elif int(event.get("worker", -1)) >= 0:
                     received += 1
+                    http += kind == "http"
                     if kind == "conn_close":
                         closes += 1
                         client += event.get("client_resumed") is True

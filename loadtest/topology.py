@@ -7,7 +7,7 @@ The one place that builds this topology: the load-test suite and the tests use i
 The gateway namespace forwards between the two links (so traffic that nothing intercepts is
 routed, the "no interception" path); callers add nftables rules there (``gateway_nft``) and
 run processes in any namespace with ``popen``/``run``, optionally pinned to CPUs. Names the
-client resolves can be set (``client_hosts``): ``ip netns exec`` bind-mounts
+a namespace resolves can be set (``hosts``): ``ip netns exec`` bind-mounts
 ``/etc/netns/<ns>/hosts`` over ``/etc/hosts``.
 
 Everything is removed by :meth:`Topology.close` (a context manager calls it on exit, also on
@@ -112,9 +112,9 @@ class Topology:
         _ip("-n", self.server, "route", "add", "default", "via", self.gateway_server_ip)
         self.run(self.gateway, ["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"])
 
-    def client_hosts(self, hosts: Mapping[str, str]) -> None:
-        """Names the client namespace resolves (``/etc/netns/<client>/hosts``)."""
-        etc = NETNS_ETC / self.client
+    def hosts(self, ns: str, hosts: Mapping[str, str]) -> None:
+        """Names namespace ``ns`` resolves (``/etc/netns/<ns>/hosts``)."""
+        etc = NETNS_ETC / ns
         etc.mkdir(parents=True, exist_ok=True)
         lines = ["127.0.0.1 localhost"] + [f"{ip} {name}" for name, ip in hosts.items()]
         (etc / "hosts").write_text("\n".join(lines) + "\n")
@@ -176,4 +176,5 @@ class Topology:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10,
                            check=False)  # fmt: skip
         self._made.clear()
-        shutil.rmtree(NETNS_ETC / self.client, ignore_errors=True)
+        for ns in self.namespaces:
+            shutil.rmtree(NETNS_ETC / ns, ignore_errors=True)
