@@ -38,6 +38,8 @@ from pathlib import Path
 
 import multiprocess  # type: ignore[import-untyped]
 
+from tlsgate.loadtest.procstat import process_tree, rss_mib, tree_cpu_seconds
+
 NGINX_CONF = """
 daemon off;
 master_process off;
@@ -95,44 +97,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def process_tree(pid: int) -> list[int]:
-    """``pid`` and its descendants (the supervisor and its workers)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(entry.name))
-    tree, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        tree.append(p)
-        todo.extend(children.get(p, []))
-    return tree
-
-
-def tree_cpu_seconds(pid: int) -> float:
-    total = 0.0
-    for p in process_tree(pid):
-        try:
-            total += cpu_seconds(p)
-        except (OSError, IndexError):
-            pass  # exited meanwhile
-    return total
-
-
-def rss_mib(pid: int) -> int:
-    return int(Path(f"/proc/{pid}/status").read_text().split("VmRSS:")[1].split()[0]) // 1024
 
 
 def _pin(cpus: set[int]) -> None:
@@ -471,9 +435,9 @@ def run(
         if stalled is not None:
             _drain_stalled(stalled)
         tree = process_tree(gw_pid)
-        print(f"RSS: supervisor {rss_mib(gw_pid)} MiB; its children (workers, and "
+        print(f"RSS: supervisor {rss_mib(gw_pid):.0f} MiB; its children (workers, and "
               "multiprocess's resource tracker) "
-              + ", ".join(f"{rss_mib(p)} MiB" for p in tree[1:]), flush=True)  # fmt: skip
+              + ", ".join(f"{rss_mib(p):.0f} MiB" for p in tree[1:]), flush=True)  # fmt: skip
     return results
 
 

@@ -20,8 +20,9 @@ as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 apt_packages=(python3 python3-venv python3-bpfcc linux-headers-amd64 nftables iproute2 curl
   openssl ca-certificates)
 if [ "$profile" = test ]; then
-  # Real peers for the tests: servers, clients and the packet decoder.
-  apt_packages+=(nginx-light wrk tshark bpftool nghttp2-client)
+  # Real peers for the tests: servers, clients and the packet decoder; h2load (HTTP/2 tests
+  # and the load-test suite) and the compiler for the suite's client-side no-resumption shim.
+  apt_packages+=(nginx-light wrk tshark bpftool nghttp2-client gcc libc6-dev)
 fi
 
 missing=()

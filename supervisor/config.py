@@ -67,6 +67,7 @@ File layout (every key optional)::
     connect_timeout = 10.0
     idle_timeout = 300.0
     drain_timeout = 25.0
+    upstream_sessions = 1024          # validated upstream TLS sessions kept per worker; 0 = off
 
     steering = "auto"                 # or "ebpf" (required), "kernel" (never eBPF)
     steering_policy = "least-loaded"  # or "hash"
@@ -105,6 +106,8 @@ class Limits:
     idle_timeout: float = 300.0
     #: On SIGTERM or when a worker is replaced: how long in-flight connections may finish.
     drain_timeout: float = 25.0
+    #: Validated upstream TLS sessions a worker keeps to resume (0 turns reuse off).
+    upstream_sessions: int = 1024
 
 
 @dataclass(frozen=True)
@@ -273,6 +276,7 @@ _POLICY = {"bypass_domains", "bypass_clients", "block_domains", "block_clients"}
 _HTTP = {"record_headers", "redact_headers"}
 _LIMITS = {
     "max_connections", "handshake_timeout", "connect_timeout", "idle_timeout", "drain_timeout",
+    "upstream_sessions",
 }  # fmt: skip
 STEERING = ("auto", "ebpf", "kernel")
 STEERING_POLICIES = ("least-loaded", "hash")
@@ -423,6 +427,14 @@ def build_config(data: Mapping[str, Any], where: str = "the configuration") -> C
     for key in ("handshake_timeout", "connect_timeout", "idle_timeout", "drain_timeout"):
         if key in limits:
             lim[key] = _positive(limits[key], f"limits.{key}", float)
+    if "upstream_sessions" in limits:
+        value = limits["upstream_sessions"]
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ConfigError(
+                f"limits.upstream_sessions must be a whole number ≥ 0 (0 turns upstream "
+                f"session reuse off), got {value!r}"
+            )
+        lim["upstream_sessions"] = value
     if lim:
         kw["limits"] = replace(Limits(), **lim)
     config = Config(**kw)

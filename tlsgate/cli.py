@@ -159,6 +159,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_passphrase_options(run, "ca-passphrase", "passphrase of an encrypted CA key")
     run.set_defaults(func=_run)
 
+    loadtest = sub.add_parser(
+        "loadtest",
+        help="load-test tlsgate (and peers) in network namespaces with wrk and h2load",
+        add_help=False,
+    )
+    loadtest.add_argument("options", nargs=argparse.REMAINDER, help="see tlsgate loadtest -h")
+
     add_ca_parser(sub)
     add_events_parser(sub)
     add_events_ca_parser(sub)
@@ -167,8 +174,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list[:1] == ["loadtest"]:
+        # its options are its own (argparse's REMAINDER cannot start with an option)
+        from tlsgate.loadtest.__main__ import main as loadtest_main
+
+        return loadtest_main(args_list[1:])
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(args_list)
     try:
         return int(args.func(args))
     except OperatorError as exc:

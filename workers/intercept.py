@@ -58,7 +58,7 @@ from tlsgate.workers.pcap import FlowSynthesizer
 from tlsgate.workers.policy import Decision
 from tlsgate.workers.relay import EndpointError, Relay, TcpEndpoint, TlsEndpoint
 from tlsgate.workers.starttls import ClearTextPhase, Next, Step, record_events, summary_fields
-from tlsgate.workers.upstream import UpstreamInfo
+from tlsgate.workers.upstream import UpstreamInfo, session_reused
 from tlsgate.workers.websocket import DEFAULT_PAYLOAD_CAP
 
 if TYPE_CHECKING:
@@ -69,6 +69,8 @@ logger = logging.getLogger(__name__)
 #: ALPN offered upstream while validating for a CONNECT, before the client's offer is known.
 PREFLIGHT_ALPN = (b"h2", b"http/1.1")
 MAX_PEEK = 65536
+#: close reasons after which an upstream session may be resumed (no error on either leg)
+CLEAN_ENDS = frozenset({"client-closed", "upstream-closed"})
 #: Close reason of the clear-text relay when the server accepted STARTTLS (never reported:
 #: the TLS phase follows on the same connection).
 STARTTLS_SWITCH = "starttls"
@@ -799,6 +801,8 @@ class Interception:
             w.capture.submit(flow.close())
         up = self.upstream
         if up is not None:
+            if self.close_reason.split(":", 1)[0] in CLEAN_ENDS:
+                w.validator.remember(up.conn)
             up.sock.close()
         for extra in (getattr(self, "_bypass_sock", None), getattr(self, "_clear_sock", None)):
             if extra is not None:
@@ -816,8 +820,10 @@ class Interception:
             "decision": self.decision.value if self.decision else None,
             "client_tls_version": cc.get_protocol_version_name() if cc else None,
             "client_cipher": cc.get_cipher_name() if cc else None,
+            "client_resumed": session_reused(cc) if cc and self.handshake_done else None,
             "upstream_tls_version": info.tls_version if info else None,
             "upstream_cipher": info.cipher if info else None,
+            "upstream_resumed": info.session_reused if info else None,
             "alpn": info.alpn.decode("latin-1") if info and info.alpn else None,
             "upstream_subject": info.subject if info else None,
             "upstream_issuer": info.issuer if info else None,

@@ -96,7 +96,8 @@ def _boot(spec: WorkerSpec):  # type: ignore[no-untyped-def]
     cache = SharedCertificateCache.open_reader(spec.cache_path)
     learned = LearnedBypass.open(spec.learned_path, config.learned_bypass)
     validator = UpstreamValidator(
-        ca_bundle=str(config.upstream_ca_bundle) if config.upstream_ca_bundle else None
+        ca_bundle=str(config.upstream_ca_bundle) if config.upstream_ca_bundle else None,
+        session_cache_size=config.limits.upstream_sessions,
     )
     signer = SignerClient(spec.signer_socket, sock=spec.signer)
     load_fd = spec.load_fd.detach() if spec.load_fd is not None else None  # type: ignore[attr-defined]

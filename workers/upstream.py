@@ -11,9 +11,11 @@ Contract (fail closed: anything unexpected refuses the upstream, never accepts i
   OpenSSL's own verification); TLS 1.3 suites default; no compression, no renegotiation;
   ``VERIFY_PEER`` with at most ``MAX_CHAIN_DEPTH`` CAs; released idle buffers; client
   session caching without OpenSSL's internal store (up to 20480 sessions a worker that
-  clients never consult). Nothing resumes today; a resumption cache keyed by host must
-  carry the verdict along, since :meth:`~UpstreamValidator.check_established` refuses a
-  handshake that ends without a verified chain, which is what a resumed session gives.
+  clients never consult). Sessions are resumed from the validator's own bounded cache
+  (:mod:`tlsgate.workers.sessions`): only sessions whose full handshake was accepted, keyed
+  by name, SNI, address, port and ALPN offer, carrying that validation's result;
+  :meth:`~UpstreamValidator.check_established` refuses a resumed handshake of any session
+  it did not offer (it has no verified chain).
 - Per connection, :meth:`UpstreamValidator.new_connection` sets SNI (DNS names only,
   RFC 6066), the host or IP that OpenSSL must match (RFC 6125: subjectAltName only, never
   the CN; a wildcard only as the whole left-most label), asks for an OCSP staple and
@@ -66,6 +68,7 @@ Contract (fail closed: anything unexpected refuses the upstream, never accepts i
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import hashlib
 import ipaddress
@@ -102,6 +105,13 @@ from OpenSSL._util import lib as _lib
 
 from tlsgate.errors import ConfigError, OperatorError, UpstreamRefused
 from tlsgate.workers.ocsp import GOOD, REVOKED, check_staple, requires_staple
+from tlsgate.workers.sessions import (
+    DEFAULT_LIFETIME,
+    DEFAULT_MAX_ENTRIES,
+    CachedSession,
+    SessionKey,
+    UpstreamSessionCache,
+)
 
 DEFAULT_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 TLS12_CIPHERS = b"ECDHE+AESGCM:ECDHE+CHACHA20:@SECLEVEL=2"
@@ -316,6 +326,11 @@ def _session_reused(conn: SSL.Connection) -> bool:
     return bool(_lib.SSL_session_reused(conn._ssl))
 
 
+def session_reused(conn: SSL.Connection) -> bool:
+    """Whether ``conn``'s handshake resumed a session (either side; no public API)."""
+    return _session_reused(conn)
+
+
 def _set_verify_host(conn: SSL.Connection, dns_name: bytes | None, ip: bytes | None) -> bool:
     """Make OpenSSL's chain verification match ``dns_name`` or the packed ``ip`` (RFC 6125:
     SAN only, no partial wildcards). False if OpenSSL refused the value."""
@@ -412,6 +427,11 @@ class UpstreamConnection(SSL.Connection):
         self.refused: tuple[str, str] | None = None
         self.client_cert_requested = False
         self.ocsp_status: str | None = None
+        #: set by new_connection when a validated session is offered for resumption
+        self.session_key: SessionKey | None = None
+        self.offered: CachedSession[SSL.Session, UpstreamInfo] | None = None
+        #: set by check_established once the server is accepted
+        self.accepted: UpstreamInfo | None = None
 
     def refuse(self, category: str, reason: str) -> None:
         """Record a refusal unless one is already recorded (the first one explains)."""
@@ -598,6 +618,8 @@ class UpstreamValidator:
         cache_size: int = VERDICT_CACHE_SIZE,
         cache_ttl: float = VERDICT_TTL,
         clock: Callable[[], float] = time.time,
+        session_cache_size: int = DEFAULT_MAX_ENTRIES,
+        session_lifetime: float = DEFAULT_LIFETIME,
     ) -> None:
         check_private_api()
         if cache_size < 1 or cache_ttl <= 0:
@@ -613,6 +635,10 @@ class UpstreamValidator:
         self._cache: OrderedDict[tuple[tuple[bytes, ...], str], _Verdict] = OrderedDict()
         self.cache_hits = 0
         self.cache_misses = 0
+        #: validated upstream sessions to resume (see tlsgate.workers.sessions)
+        self.sessions: UpstreamSessionCache[SSL.Session, UpstreamInfo] = UpstreamSessionCache(
+            session_cache_size, min(session_lifetime, cache_ttl)
+        )
         self._policy_failure: tuple[str, str] | None = None
         self._ca_policy = (
             ExtensionPolicy.webpki_defaults_ca()
@@ -635,7 +661,12 @@ class UpstreamValidator:
         ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
         ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
         ctx.set_cipher_list(TLS12_CIPHERS)
-        ctx.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION)
+        # IGNORE_UNEXPECTED_EOF: a server's EOF without close_notify ends the stream as the
+        # relay already treats it (a clean end), instead of a fatal error that also marks the
+        # session non-resumable (many servers close without close_notify).
+        ctx.set_options(
+            SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION | SSL.OP_IGNORE_UNEXPECTED_EOF
+        )
         ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)
         # Client sessions are kept for a future resumption cache keyed by host; OpenSSL's
         # internal store would hold up to 20480 of them per worker and is never consulted
@@ -694,7 +725,37 @@ class UpstreamValidator:
         conn.request_ocsp()
         if alpn:
             conn.set_alpn_protos(list(alpn))
+        if sock is not None and self.sessions.max_entries:
+            try:
+                peer = sock.getpeername()
+            except OSError:
+                peer = None
+            if peer is not None:
+                sent = conn.get_servername()
+                conn.session_key = SessionKey(
+                    host, sent.decode("ascii") if sent else None, str(peer[0]), int(peer[1]),
+                    tuple(alpn),
+                )  # fmt: skip
+                conn.offered = self.sessions.take(conn.session_key)
+                if conn.offered is not None:
+                    conn.set_session(conn.offered.session)
         return conn
+
+    def remember(self, conn: SSL.Connection) -> bool:
+        """After a connection accepted by :meth:`check_established` ended *cleanly*: keep its
+        session for the next connection with the same key (see tlsgate.workers.sessions).
+        The connection is marked as shut down, which OpenSSL requires to keep the session
+        resumable. Returns whether a session was stored."""
+        if not isinstance(conn, UpstreamConnection) or conn.accepted is None:
+            return False
+        if conn.session_key is None:
+            return False
+        session = conn.get_session()
+        if session is None:
+            return False
+        conn.set_shutdown(conn.get_shutdown() | SSL.SENT_SHUTDOWN)
+        self.sessions.store(conn.session_key, session, conn.accepted, conn.accepted.not_after)
+        return True
 
     def refusal(self, conn: SSL.Connection, exc: Exception) -> UpstreamRefused:
         """Explain why ``do_handshake`` on ``conn`` raised ``exc`` (an ``SSL.Error`` other
@@ -727,6 +788,22 @@ class UpstreamValidator:
         problem = negotiated_problem(tls_version, cipher, self._offered_ciphers)
         if problem is not None:
             raise UpstreamRefused(*problem)
+        if _session_reused(conn):
+            if conn.offered is None:
+                raise UpstreamRefused(
+                    "verify-failed",
+                    "the server resumed a session tlsgate did not offer (no verified "
+                    "certificate chain); refusing",
+                )
+            # the session's full handshake passed every check below; only this
+            # handshake's own parameters are new
+            assert cipher is not None
+            alpn = conn.get_alpn_proto_negotiated()
+            conn.accepted = dataclasses.replace(
+                conn.offered.info, tls_version=tls_version, cipher=cipher, alpn=alpn or None,
+                session_reused=True,
+            )  # fmt: skip
+            return conn.accepted
         verified = conn.get_verified_chain()
         if not verified:
             raise UpstreamRefused(
@@ -747,7 +824,7 @@ class UpstreamValidator:
             )
         assert cipher is not None
         alpn = conn.get_alpn_proto_negotiated()
-        return UpstreamInfo(
+        conn.accepted = UpstreamInfo(
             tls_version=tls_version,
             cipher=cipher,
             alpn=alpn or None,
@@ -760,8 +837,9 @@ class UpstreamValidator:
             ip_addresses=verdict.ip_addresses,
             not_after=verdict.not_after,
             ocsp=ocsp_status,
-            session_reused=_session_reused(conn),
+            session_reused=False,
         )
+        return conn.accepted
 
     # -- OpenSSL callbacks (run inside do_handshake; they must never raise) ----------------
 

@@ -51,6 +51,8 @@ def test_policy_lists_come_from_the_file_and_flags(tmp_path: Path) -> None:
         ({"lisen": "127.0.0.1:1"}, "unknown setting 'lisen'"),
         ({"limits": {"idle_timeout": -1}}, "limits.idle_timeout must be a positive"),
         ({"limits": {"idle": 3}}, "unknown setting 'idle'"),
+        ({"limits": {"upstream_sessions": -1}}, "limits.upstream_sessions must be a whole"),
+        ({"limits": {"upstream_sessions": True}}, "limits.upstream_sessions must be a whole"),
         ({"policy": {"bypass_domains": "a.example"}}, "must be a list of strings"),
         ({"policy": {"block_clients": ["10.0.0.0/33"]}}, "10.0.0.0/33"),
         ({"upstream_ca_bundle": "/nonexistent/bundle.pem"}, "no such file"),
@@ -60,6 +62,11 @@ def test_policy_lists_come_from_the_file_and_flags(tmp_path: Path) -> None:
 def test_every_bad_value_is_a_config_error_naming_it(data: dict[str, object], message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         build_config(data)
+
+
+def test_upstream_session_reuse_can_be_turned_off_with_zero() -> None:
+    assert build_config({"limits": {"upstream_sessions": 0}}).limits.upstream_sessions == 0
+    assert build_config({}).limits.upstream_sessions == 1024
 
 
 def test_a_broken_toml_file_is_a_config_error_naming_the_file(tmp_path: Path) -> None:

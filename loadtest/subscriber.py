@@ -1,0 +1,101 @@
+"""A detection-socket subscriber that counts what it receives (a thread of the suite).
+
+Per scenario the suite compares the gateway's produced events (its hub's counters) with
+what this subscriber received plus the losses gap events reported: an IDS must be able to
+account for every event.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgpack
+
+
+@dataclass(frozen=True)
+class Counts:
+    received: int
+    gaps: int
+    #: conn_close events, and how many of them resumed a session on each leg
+    closes: int = 0
+    client_resumed: int = 0
+    upstream_resumed: int = 0
+    #: http events (inspected HTTP exchanges)
+    http: int = 0
+
+    def __sub__(self, other: Counts) -> Counts:
+        return Counts(*(a - b for a, b in zip(self.astuple(), other.astuple(), strict=True)))
+
+    def astuple(self) -> tuple[int, ...]:
+        return (self.received, self.gaps, self.closes, self.client_resumed,
+                self.upstream_resumed, self.http)  # fmt: skip
+
+
+class CountingSubscriber:
+    """Connects to ``events.sock`` and counts worker events, gap losses and resumed
+    connections (``conn_close``) until closed."""
+
+    def __init__(self, path: Path, timeout: float = 10.0) -> None:
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self._sock.connect(str(path))
+                break
+            except OSError as exc:
+                if time.monotonic() > deadline:
+                    self._sock.close()
+                    raise RuntimeError(f"cannot subscribe to {path}: {exc}") from exc
+                time.sleep(0.05)
+        self._lock = threading.Lock()
+        self._counts = Counts(0, 0)
+        self._thread = threading.Thread(target=self._read, name="event-counter", daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        unpacker = msgpack.Unpacker(raw=False)
+        while True:
+            try:
+                chunk = self._sock.recv(1 << 20)
+            except OSError:
+                return
+            if not chunk:
+                return
+            unpacker.feed(chunk)
+            received = gaps = closes = client = upstream = http = 0
+            for event in unpacker:
+                kind = event.get("type")
+                if kind == "gap":
+                    gaps += int(event.get("dropped", 0))
+                elif int(event.get("worker", -1)) >= 0:
+                    received += 1
+                    http += kind == "http"
+                    if kind == "conn_close":
+                        closes += 1
+                        client += event.get("client_resumed") is True
+                        upstream += event.get("upstream_resumed") is True
+            with self._lock:
+                c = self._counts
+                self._counts = Counts(
+                    c.received + received,
+                    c.gaps + gaps,
+                    c.closes + closes,
+                    c.client_resumed + client,
+                    c.upstream_resumed + upstream,
+                )
+
+    def counts(self) -> Counts:
+        with self._lock:
+            return self._counts
+
+    def close(self) -> None:
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._sock.close()
+        self._thread.join(timeout=5)
