@@ -33,6 +33,7 @@ from tlsgate.supervisor.ca import ensure_ca
 from tlsgate.supervisor.config import Config
 from tlsgate.supervisor.control import ControlServer
 from tlsgate.supervisor.eventhub import EventHub
+from tlsgate.supervisor.interfaces import access_summary, resolve_access
 from tlsgate.supervisor.listeners import banner, make_listener
 from tlsgate.supervisor.signer import LeafSigner, generate_leaf_key
 from tlsgate.workers.certs import chain_to_send
@@ -89,7 +90,7 @@ class Supervisor:
     def run(self) -> int:
         from tlsgate.workers.certcache import SharedCertificateCache
 
-        config = self.config
+        config = self.config = resolve_access(self.config)
         self._load_ca()  # first: it creates the state directory 0700 on first run
         self.run_dir = runtime_dir(config.state_dir)
         self.run_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
@@ -136,6 +137,7 @@ class Supervisor:
             self.arbiter.install_signals()
             first = self.arbiter.slots[0].listener
             banner(config, first.getsockname(), self.ca, self.ca_created, self.out)
+            self.log(access_summary(config))
             if self.steering_state["reason"]:
                 self.log(self.steering_state["reason"])
             self.arbiter.run(on_reload=self._reload, tick=lambda: None)
@@ -277,7 +279,7 @@ class Supervisor:
     def _reload(self) -> None:
         """New configuration and CA; the arbiter then replaces the workers one at a time."""
         if self._reload_config is not None:
-            new = self._reload_config()  # a bad file raises: the running workers stay
+            new = resolve_access(self._reload_config())  # a bad file raises: workers stay
             fixed = ("listen", "mode", "workers", "state_dir", "steering", "steering_policy")
             changed = [k for k in fixed if getattr(new, k) != getattr(self.config, k)]
             if changed:
@@ -340,6 +342,8 @@ class Supervisor:
                 "closed": int(stats["closed"]), "refused": int(stats["refused"]),
                 "minted": int(stats["minted"]), "restarts": slot.restarts,
                 "cert_lookups": int(stats["cert_lookups"]),
+                "access_refused": int(stats["access_refused"]),
+                "limit_hits": int(stats["limit_hits"]),
                 "steered": counters["selected"][slot.index] if counters else None,
                 "heartbeat_age": round(time.monotonic() - stats["beat"], 3),
             })  # fmt: skip
@@ -379,6 +383,11 @@ def prometheus_text(status: dict[str, Any]) -> str:
            [(lbl, w["accepted"]) for lbl, w in per_worker])  # fmt: skip
     metric("upstream_refused_total", "counter", "Upstreams refused by validation.",
            [(lbl, w["refused"]) for lbl, w in per_worker])  # fmt: skip
+    metric("access_refused_total", "counter",
+           "Clients refused by the allow-list, and CONNECTs to forbidden destinations.",
+           [(lbl, w["access_refused"]) for lbl, w in per_worker])  # fmt: skip
+    metric("limit_hits_total", "counter", "Connections that ran into a [limits] bound.",
+           [(lbl, w["limit_hits"]) for lbl, w in per_worker])  # fmt: skip
     metric("certificates_minted_total", "counter", "Leaf certificates minted.",
            [(lbl, w["minted"]) for lbl, w in per_worker])  # fmt: skip
     metric("worker_restarts_total", "counter", "Worker restarts.",

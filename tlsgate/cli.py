@@ -43,6 +43,10 @@ def _run(args: argparse.Namespace) -> int:
         overrides["policy.bypass_domains"] = args.bypass
     if args.block:
         overrides["policy.block_domains"] = args.block
+    if args.allow_client:
+        overrides["access.allow_clients"] = args.allow_client
+    if args.allow_destination:
+        overrides["access.allow_destinations"] = args.allow_destination
     config_path = Path(args.config) if args.config else None
     config = load_config(config_path, overrides)
     passphrase = passphrase_from_args(args, "ca-passphrase")
@@ -131,6 +135,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--block", action="append", metavar="GLOB", help="refuse these names (repeatable)"
+    )
+    run.add_argument(
+        "--allow-client",
+        action="append",
+        metavar="CIDR",
+        help="serve only clients from these networks (repeatable; default: loopback plus the "
+        "private networks of this host's interfaces); others are refused at accept",
+    )
+    run.add_argument(
+        "--allow-destination",
+        action="append",
+        metavar="CIDR",
+        help="let CONNECT reach these networks although they are loopback, link-local "
+        "(cloud metadata) or this host's own addresses (repeatable; refused by default)",
     )
     add_passphrase_options(run, "ca-passphrase", "passphrase of an encrypted CA key")
     run.set_defaults(func=_run)

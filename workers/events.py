@@ -49,6 +49,8 @@ POLICY: Final = "policy"
 GAP: Final = "gap"
 HELLO: Final = "hello"
 CAPTURE_DROP: Final = "capture_drop"
+ACCESS_REFUSED: Final = "access_refused"
+LIMIT: Final = "limit"
 
 #: Every event type of schema version 1.
 EVENT_TYPES: Final = (
@@ -61,6 +63,8 @@ EVENT_TYPES: Final = (
     GAP,
     HELLO,
     CAPTURE_DROP,
+    ACCESS_REFUSED,
+    LIMIT,
 )
 
 #: The keys every event starts with, in encoding order.
