@@ -23,7 +23,6 @@ from typing import Any
 
 import pytest
 
-
 #: The test networks (198.18.0.0/15) are not private ranges, so a gateway's default
 #: allow-list (loopback plus the private networks of its interfaces) refuses their clients:
 #: tests whose clients connect from another namespace pass this, as an operator would.

@@ -27,8 +27,8 @@ import ipaddress
 import logging
 import socket
 import time
-from dataclasses import dataclass, field
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from OpenSSL import SSL
@@ -46,8 +46,8 @@ from tlsgate.workers import events as ev
 from tlsgate.workers.certs import ClientSideState
 from tlsgate.workers.clienthello import ClientHello, client_hello_end, parse_client_hello
 from tlsgate.workers.connect import connect_established, connect_refusal, parse_connect
-from tlsgate.workers.limits import set_socket_buffers
 from tlsgate.workers.http1 import Http1Inspector, HttpExchange, looks_like_http_request
+from tlsgate.workers.limits import set_socket_buffers
 from tlsgate.workers.origdst import original_destination
 from tlsgate.workers.pcap import FlowSynthesizer
 from tlsgate.workers.policy import Decision
