@@ -64,6 +64,7 @@ def _run(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from tlsgate.supervisor.ca_commands import add_ca_parser, add_passphrase_options
     from tlsgate.supervisor.control_commands import add_control_parsers
+    from tlsgate.supervisor.doctor import add_doctor_parser
     from tlsgate.supervisor.events_commands import add_events_parser
 
     parser = argparse.ArgumentParser(
@@ -156,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_ca_parser(sub)
     add_events_parser(sub)
     add_control_parsers(sub)
+    add_doctor_parser(sub)
     return parser
 
 
