@@ -92,20 +92,36 @@ def judge_openssl(name: str, version_text: str, today: date, on_traffic_path: bo
     worst = FAIL if on_traffic_path else WARN
     if not version:
         return Check(name, WARN, f"{version_text!r}: cannot tell which OpenSSL this is")
-    line = version[:2]
+    line = (version[0], version[1] if len(version) > 1 else 0)
     if line < (3, 0):
-        return Check(name, worst, f"{version_text} is older than OpenSSL 3.0 and unsupported; "
-                     "upgrade the cryptography wheel (pip install -U cryptography pyOpenSSL)")  # fmt: skip
+        return Check(
+            name,
+            worst,
+            f"{version_text} is older than OpenSSL 3.0 and unsupported; "
+            "upgrade the cryptography wheel (pip install -U cryptography pyOpenSSL)",
+        )
     eol = OPENSSL_EOL.get(line)
     if eol is None:
-        return Check(name, WARN, f"{version_text}: end of support of {line[0]}.{line[1]} unknown "
-                     "to this tlsgate; check openssl.org/policies/releasestrat.html")  # fmt: skip
+        return Check(
+            name,
+            WARN,
+            f"{version_text}: end of support of {line[0]}.{line[1]} unknown "
+            "to this tlsgate; check openssl.org/policies/releasestrat.html",
+        )
     if today > eol:
-        return Check(name, worst, f"{version_text}: OpenSSL {line[0]}.{line[1]} reached end of "
-                     f"life on {eol} (no more security fixes); upgrade it")  # fmt: skip
+        return Check(
+            name,
+            worst,
+            f"{version_text}: OpenSSL {line[0]}.{line[1]} reached end of "
+            f"life on {eol} (no more security fixes); upgrade it",
+        )
     if eol - today <= EOL_WARNING:
-        return Check(name, WARN, f"{version_text}: OpenSSL {line[0]}.{line[1]} reaches end of "
-                     f"life on {eol}; plan the upgrade")  # fmt: skip
+        return Check(
+            name,
+            WARN,
+            f"{version_text}: OpenSSL {line[0]}.{line[1]} reaches end of "
+            f"life on {eol}; plan the upgrade",
+        )
     return Check(name, OK, f"{version_text} (supported until {eol})")
 
 
@@ -113,21 +129,30 @@ def judge_minimum(name: str, version_text: str, minimum: tuple[int, ...]) -> Che
     version = parse_version(version_text)
     need = ".".join(map(str, minimum))
     if version[: len(minimum)] < minimum:
-        return Check(name, FAIL, f"{version_text} is older than {need}, which tlsgate needs; "
-                     f"pip install -U '{name}>={need}'")  # fmt: skip
+        return Check(
+            name,
+            FAIL,
+            f"{version_text} is older than {need}, which tlsgate needs; "
+            f"pip install -U '{name}>={need}'",
+        )
     return Check(name, OK, version_text)
 
 
 def judge_kernel(release: str) -> Check:
     version = parse_version(release)
     if version[:2] < MIN_KERNEL:
-        return Check("kernel", WARN, f"{release}: below 5.14, connections queued on a replaced "
-                     "worker's socket cannot migrate (they are reset on reload)")  # fmt: skip
+        return Check(
+            "kernel",
+            WARN,
+            f"{release}: below 5.14, connections queued on a replaced "
+            "worker's socket cannot migrate (they are reset on reload)",
+        )
     return Check("kernel", OK, release)
 
 
-def judge_mode(name: str, path: Path, st: os.stat_result | None, forbidden: int,
-               want: str, euid: int) -> Check:  # fmt: skip
+def judge_mode(
+    name: str, path: Path, st: os.stat_result | None, forbidden: int, want: str, euid: int
+) -> Check:
     """A file or directory whose mode must have none of ``forbidden`` bits, owned by this
     user or root."""
     if st is None:
@@ -136,23 +161,38 @@ def judge_mode(name: str, path: Path, st: os.stat_result | None, forbidden: int,
     if mode & forbidden:
         return Check(name, FAIL, f"{path} has mode {mode:04o}; run chmod {want} {path}")
     if st.st_uid not in (euid, 0):
-        return Check(name, FAIL, f"{path} is owned by uid {st.st_uid}, not by this user or "
-                     f"root; run chown root: {path}")  # fmt: skip
+        return Check(
+            name,
+            FAIL,
+            f"{path} is owned by uid {st.st_uid}, not by this user or root; run chown root: {path}",
+        )
     return Check(name, OK, f"{path} mode {mode:04o}, uid {st.st_uid}")
 
 
 def judge_ca_expiry(not_before: datetime, not_after: datetime, now: datetime) -> Check:
     if now < not_before:
-        return Check("ca expiry", FAIL, f"the CA certificate is not valid before {not_before:%Y-%m-%d %H:%M} "
-                     "UTC: check the clock, or replace the CA (tlsgate ca init --force)")  # fmt: skip
+        return Check(
+            "ca expiry",
+            FAIL,
+            f"the CA certificate is not valid before {not_before:%Y-%m-%d %H:%M} "
+            "UTC: check the clock, or replace the CA (tlsgate ca init --force)",
+        )
     if now >= not_after:
-        return Check("ca expiry", FAIL, f"the CA certificate expired on {not_after:%Y-%m-%d}: "
-                     "clients refuse every minted certificate; replace it (tlsgate ca init "
-                     "--force), then tlsgate reload")  # fmt: skip
+        return Check(
+            "ca expiry",
+            FAIL,
+            f"the CA certificate expired on {not_after:%Y-%m-%d}: "
+            "clients refuse every minted certificate; replace it (tlsgate ca init "
+            "--force), then tlsgate reload",
+        )
     left = not_after - now
     if left <= CA_EXPIRY_WARNING:
-        return Check("ca expiry", WARN, f"the CA certificate expires on {not_after:%Y-%m-%d} "
-                     f"({left.days} days); rotate it now (see docs/security.md)")  # fmt: skip
+        return Check(
+            "ca expiry",
+            WARN,
+            f"the CA certificate expires on {not_after:%Y-%m-%d} "
+            f"({left.days} days); rotate it now (see docs/security.md)",
+        )
     return Check("ca expiry", OK, f"valid until {not_after:%Y-%m-%d} ({left.days} days)")
 
 
@@ -191,7 +231,7 @@ def _versions() -> tuple[dict[str, str], list[Check]]:
             ssl.OPENSSL_VERSION,
             today,
             on_traffic_path=False,
-        ),  # fmt: skip
+        ),
         judge_minimum("pyOpenSSL", OpenSSL.__version__, MIN_PYOPENSSL),
         judge_minimum("cryptography", cryptography.__version__, MIN_CRYPTOGRAPHY),
         judge_kernel(platform.release()),
@@ -220,8 +260,11 @@ def _ebpf(load: bool) -> tuple[str, Check]:
         except OperatorError as exc:
             ok, reason = False, str(exc)
     if not ok:
-        return bcc_version, Check("ebpf steering", WARN, f"unavailable ({reason}); the kernel's "
-                                  "reuseport hash steers instead")  # fmt: skip
+        return bcc_version, Check(
+            "ebpf steering",
+            WARN,
+            f"unavailable ({reason}); the kernel's reuseport hash steers instead",
+        )
     what = "the steering program loads" if load else "available (not loaded: --no-load)"
     return bcc_version, Check("ebpf steering", OK, what)
 
@@ -237,18 +280,17 @@ def _files(state_dir: Path) -> list[Check]:
             0o077,
             "700",
             euid,
-        ),  # fmt: skip
+        ),
         judge_mode(
             "ca key", ca_key_path(state_dir), _stat(ca_key_path(state_dir)), 0o077, "600", euid
-        ),  # fmt: skip
+        ),
     ]
     run = runtime_dir(state_dir)
     if _stat(run) is not None:
         checks.append(judge_mode("runtime dir", run, _stat(run), 0o027, "750", euid))
         control = control_socket_path(state_dir)
         if _stat(control) is not None:
-            checks.append(judge_mode("control socket", control, _stat(control), 0o077, "600",
-                                     euid))  # fmt: skip
+            checks.append(judge_mode("control socket", control, _stat(control), 0o077, "600", euid))
     if _stat(ca_cert_path(state_dir)) is not None:
         from tlsgate.errors import CAError
         from tlsgate.supervisor.ca import read_ca_certificates
@@ -258,11 +300,19 @@ def _files(state_dir: Path) -> list[Check]:
         except CAError as exc:
             checks.append(Check("ca expiry", FAIL, str(exc)))
         else:
-            checks.append(judge_ca_expiry(cert.not_valid_before_utc, cert.not_valid_after_utc,
-                                          datetime.now(UTC)))  # fmt: skip
+            checks.append(
+                judge_ca_expiry(
+                    cert.not_valid_before_utc, cert.not_valid_after_utc, datetime.now(UTC)
+                )
+            )
     else:
-        checks.append(Check("ca expiry", WARN, f"no CA in {ca_cert_path(state_dir).parent} yet "
-                            "(tlsgate run creates one)"))  # fmt: skip
+        checks.append(
+            Check(
+                "ca expiry",
+                WARN,
+                f"no CA in {ca_cert_path(state_dir).parent} yet (tlsgate run creates one)",
+            )
+        )
     return checks
 
 
@@ -276,8 +326,11 @@ class Report:
         return any(c.status == FAIL for c in self.checks)
 
     def as_json(self) -> dict[str, object]:
-        return {"ok": not self.unsafe, "versions": self.versions,
-                "checks": [asdict(c) for c in self.checks]}  # fmt: skip
+        return {
+            "ok": not self.unsafe,
+            "versions": self.versions,
+            "checks": [asdict(c) for c in self.checks],
+        }
 
     def as_text(self) -> str:
         lines = [f"{name:<28} {value}" for name, value in self.versions.items()]
