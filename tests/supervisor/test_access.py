@@ -84,6 +84,11 @@ def test_a_client_outside_the_default_allow_list_is_refused_at_accept_counted_an
             time.sleep(1.2)  # counters are published every second
             workers: Any = gateway_status(gw)["workers"]
             assert workers[0]["access_refused"] == 4
+            metrics = subprocess.run(
+                [sys.executable, "-m", "tlsgate", "metrics", "--state-dir", str(gw.state_dir)],
+                capture_output=True, text=True, timeout=60, check=True,
+            ).stdout  # fmt: skip
+            assert 'tlsgate_access_refused_total{worker="0"} 4' in metrics.splitlines()
         assert "clients allowed: 127.0.0.0/8, ::1/128 " in gw.stderr_tail
 
 
