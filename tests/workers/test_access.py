@@ -114,3 +114,15 @@ def test_ordinary_destinations_pass_and_allowed_networks_override_the_refusal() 
     allowed = AccessPolicy.build(["0.0.0.0/0"], ["127.0.0.0/8"])
     assert allowed.destination_refusal("127.0.0.1") is None
     assert allowed.destination_refusal("169.254.169.254") is not None
+
+
+def test_the_startup_line_names_the_allow_list_and_warns_about_a_listener_on_every_address() -> (
+    None
+):
+    from tlsgate.supervisor.interfaces import access_summary
+
+    internal = resolve_access(build_config({"listen": "10.1.2.3:8080"}), HOST)
+    assert access_summary(internal).startswith("clients allowed: 127.0.0.0/8, ::1/128, 10.1.2.0/24")
+    assert "warning" not in access_summary(internal)
+    everywhere = resolve_access(build_config({"listen": "0.0.0.0:8080"}), HOST)
+    assert "warning: listening on every address (0.0.0.0)" in access_summary(everywhere)
