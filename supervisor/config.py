@@ -49,7 +49,7 @@ File layout (every key optional)::
     max_connections = 10000           # per worker
     max_connections_per_client = 256  # per worker and client address
     handshake_timeout = 10.0          # accept to relay (upstream validated, leaf served)
-    header_timeout = 5.0              # CONNECT request / ClientHello, and each HTTP request head
+    header_timeout = 10.0             # CONNECT request / ClientHello, and each HTTP request head
     connect_timeout = 10.0
     idle_timeout = 300.0
     drain_timeout = 25.0
@@ -97,7 +97,7 @@ class Limits:
     handshake_timeout: float = 10.0
     #: For the CONNECT request, the ClientHello, and each HTTP request head in a tunnel
     #: (slowloris: bytes trickling in slowly enough to dodge the idle timeout).
-    header_timeout: float = 5.0
+    header_timeout: float = 10.0
     connect_timeout: float = 10.0
     idle_timeout: float = 300.0
     #: On SIGTERM or when a worker is replaced: how long in-flight connections may finish.
