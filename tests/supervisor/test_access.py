@@ -16,7 +16,6 @@ import pytest
 from tests.gateway import Gateway, Origin
 from tests.netns import Topology, requires_netns
 
-
 SCAN_CONNECTIONS = 50
 #: A port scan's worth of connections, each sending a CONNECT; every one must be closed
 #: without an answer (run with the test's Python in the client namespace).
