@@ -103,8 +103,8 @@ def test_a_client_outside_the_default_allow_list_is_refused_at_accept_counted_an
                 [sys.executable, "-m", "tlsgate", "metrics", "--state-dir", str(gw.state_dir)],
                 capture_output=True, text=True, timeout=60, check=True,
             ).stdout  # fmt: skip
-            refused = f'tlsgate_access_refused_total{{worker="0"}} {1 + SCAN_CONNECTIONS}'
-            assert refused in metrics.splitlines()
+            counter = f'tlsgate_access_refused_total{{worker="0"}} {1 + SCAN_CONNECTIONS}'
+            assert counter in metrics.splitlines()
         assert "clients allowed: 127.0.0.0/8, ::1/128 " in gw.stderr_tail
 
 
