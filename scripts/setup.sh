@@ -21,7 +21,7 @@ apt_packages=(python3 python3-venv python3-bpfcc linux-headers-amd64 nftables ip
   openssl ca-certificates)
 if [ "$profile" = test ]; then
   # Real peers for the tests: servers, clients and the packet decoder.
-  apt_packages+=(nginx-light wrk tshark bpftool)
+  apt_packages+=(nginx-light wrk tshark bpftool nghttp2-client)
 fi
 
 missing=()

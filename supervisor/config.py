@@ -38,6 +38,21 @@ File layout (every key optional)::
     record_headers = ["host", "user-agent", "content-type"]
     redact_headers = ["authorization", "cookie"]
 
+    [mail]                            # transparent mode: STARTTLS on these ports
+    smtp_ports = [25, 587]
+    imap_ports = [143]
+    pop3_ports = [110]
+    max_line = 8192                   # longest command/reply line in the clear-text phase
+    negotiation_timeout = 30.0        # until STARTTLS is accepted, refused or not offered
+    starttls_required = []            # server networks that must do STARTTLS (else refused)
+
+    [learned_bypass]                  # off by default
+    enabled = false
+    threshold = 3                     # client certificate rejections of one name ...
+    window = 300.0                    # ... within this many seconds
+    ttl = 3600.0                      # seconds a learned name is spliced
+    max_entries = 1024                # least recently used names are evicted beyond this
+
     [access]
     # clients served; absent: loopback plus the private networks (RFC 1918, 100.64.0.0/10,
     # fc00::/7) the host's own interfaces are on (in transparent mode: intercept_from if set)
@@ -111,6 +126,17 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class LearnedBypassSettings:
+    """When a client keeps rejecting our certificate for a name, splice that name for a while."""
+
+    enabled: bool = False
+    threshold: int = 3
+    window: float = 300.0
+    ttl: float = 3600.0
+    max_entries: int = 1024
+
+
+@dataclass(frozen=True)
 class Config:
     """Everything `tlsgate run` needs, validated."""
 
@@ -157,6 +183,18 @@ class Config:
     steering_policy: str = "least-loaded"
     #: Workers drop root to this user after receiving their sockets ("" = stay as started).
     worker_user: str = field(default_factory=lambda: default_worker_user())
+    #: Transparent mode: destination ports whose connections start with a clear-text mail
+    #: dialogue (STARTTLS); implicit-TLS ports (465, 993, 995) need nothing: they are TLS.
+    smtp_ports: tuple[int, ...] = (25, 587)
+    imap_ports: tuple[int, ...] = (143,)
+    pop3_ports: tuple[int, ...] = (110,)
+    mail_max_line: int = 8192
+    #: Seconds the clear-text phase may take to show whether STARTTLS will be used.
+    mail_negotiation_timeout: float = 30.0
+    #: Server networks STARTTLS is required from: a stripped capability or a refusal is a
+    #: downgrade and the connection is refused.
+    starttls_required: tuple[str, ...] = ()
+    learned_bypass: LearnedBypassSettings = LearnedBypassSettings()
 
     def access(self) -> AccessPolicy:
         return AccessPolicy.build(
@@ -244,8 +282,11 @@ def _reject_unknown(table: Mapping[str, Any], known: set[str], where: str) -> No
 _TOP = {
     "listen", "mode", "workers", "state_dir", "upstream_ca_bundle", "ca_passphrase_file",
     "events", "policy", "http", "limits", "worker_user", "steering", "steering_policy",
-    "intercept_ports", "intercept_from", "capture", "access",
+    "intercept_ports", "intercept_from", "capture", "mail", "learned_bypass", "access",
 }  # fmt: skip
+_MAIL = {"smtp_ports", "imap_ports", "pop3_ports", "max_line", "starttls_required",
+         "negotiation_timeout"}  # fmt: skip
+_LEARNED = {"enabled", "threshold", "window", "ttl", "max_entries"}
 _POLICY = {"bypass_domains", "bypass_clients", "block_domains", "block_clients"}
 _HTTP = {"record_headers", "redact_headers"}
 _LIMITS = {
@@ -309,12 +350,7 @@ def build_config(data: Mapping[str, Any], where: str = "the configuration") -> C
                 raise ConfigError(f"{key} = {data[key]!r}; choose one of: {', '.join(choices)}")
             kw[key] = data[key]
     if "intercept_ports" in data:
-        ports = data["intercept_ports"]
-        if not isinstance(ports, list) or not all(
-            isinstance(p, int) and not isinstance(p, bool) and 0 < p < 65536 for p in ports
-        ):
-            raise ConfigError(f"intercept_ports must be a list of ports (1-65535), got {ports!r}")
-        kw["intercept_ports"] = tuple(ports)
+        kw["intercept_ports"] = _ports(data["intercept_ports"], "intercept_ports")
     if "intercept_from" in data:
         nets = _str_list(data["intercept_from"], "intercept_from")
         for net in nets:
@@ -377,6 +413,8 @@ def build_config(data: Mapping[str, Any], where: str = "the configuration") -> C
     for key in _HTTP:
         if key in http:
             kw[key] = tuple(h.lower() for h in _str_list(http[key], f"http.{key}"))
+    kw.update(_mail(_table(data, "mail", where), where))
+    kw.update(_learned(_table(data, "learned_bypass", where), where))
     limits = _table(data, "limits", where)
     _reject_unknown(limits, _LIMITS, f"[limits] of {where}")
     lim: dict[str, Any] = {}
@@ -415,6 +453,68 @@ def build_config(data: Mapping[str, Any], where: str = "the configuration") -> C
         raise ConfigError("intercept_ports only applies to --mode transparent")
     config.policy()  # compile once so bad globs/CIDRs fail here, at startup
     return config
+
+
+def _ports(ports: object, setting: str) -> tuple[int, ...]:
+    if not isinstance(ports, list) or not all(
+        isinstance(p, int) and not isinstance(p, bool) and 0 < p < 65536 for p in ports
+    ):
+        raise ConfigError(f"{setting} must be a list of ports (1-65535), got {ports!r}")
+    return tuple(ports)
+
+
+def _mail(mail: Mapping[str, Any], where: str) -> dict[str, Any]:
+    _reject_unknown(mail, _MAIL, f"[mail] of {where}")
+    kw: dict[str, Any] = {}
+    seen: dict[int, str] = {}
+    for key in ("smtp_ports", "imap_ports", "pop3_ports"):
+        if key in mail:
+            kw[key] = _ports(mail[key], f"mail.{key}")
+        for port in kw.get(key, Config.__dataclass_fields__[key].default):
+            if port in seen:
+                raise ConfigError(
+                    f"mail.{key}: port {port} is also in mail.{seen[port]}; a port speaks "
+                    "one protocol"
+                )
+            seen[port] = key
+    if "max_line" in mail:
+        size = _positive(mail["max_line"], "mail.max_line", int)
+        if size < 512:
+            raise ConfigError(f"mail.max_line = {size}: use at least 512 (RFC 5321's minimum)")
+        kw["mail_max_line"] = size
+    if "negotiation_timeout" in mail:
+        kw["mail_negotiation_timeout"] = _positive(
+            mail["negotiation_timeout"], "mail.negotiation_timeout", float
+        )
+    if "starttls_required" in mail:
+        nets = _str_list(mail["starttls_required"], "mail.starttls_required")
+        for net in nets:
+            try:
+                ipaddress.ip_network(net)
+            except ValueError:
+                raise ConfigError(
+                    f"mail.starttls_required: {net!r} is not a network (e.g. 192.0.2.0/24)"
+                ) from None
+        kw["starttls_required"] = nets
+    return kw
+
+
+def _learned(table: Mapping[str, Any], where: str) -> dict[str, Any]:
+    _reject_unknown(table, _LEARNED, f"[learned_bypass] of {where}")
+    kw: dict[str, Any] = {}
+    if "enabled" in table:
+        if not isinstance(table["enabled"], bool):
+            raise ConfigError(
+                f"learned_bypass.enabled must be true or false, got {table['enabled']!r}"
+            )
+        kw["enabled"] = table["enabled"]
+    for key in ("threshold", "max_entries"):
+        if key in table:
+            kw[key] = _positive(table[key], f"learned_bypass.{key}", int)
+    for key in ("window", "ttl"):
+        if key in table:
+            kw[key] = _positive(table[key], f"learned_bypass.{key}", float)
+    return {"learned_bypass": LearnedBypassSettings(**kw)} if kw else {}
 
 
 def _table(data: Mapping[str, Any], name: str, where: str) -> Mapping[str, Any]:

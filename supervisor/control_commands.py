@@ -44,6 +44,13 @@ def run_status(args: argparse.Namespace) -> int:
     cache = status["cache"]
     print(f"certificate cache: {cache.get('size', 0)} entries, hit rate "
           f"{cache.get('hit_rate', 0):.1%}   events: {status['events']}")  # fmt: skip
+    learned = status.get("learned_bypass") or {}
+    entries = learned.get("entries", [])
+    state = "on" if learned.get("enabled") else "off"
+    print(f"learned bypass: {state}, {len(entries)} names")
+    for e in entries:
+        print(f"  {e['name']}  ({e['kind']} x{e['rejections']}, spliced {e['spliced']}, "
+              f"expires in {e['expires_in']:.0f} s)")  # fmt: skip
     return 0
 
 

@@ -72,6 +72,11 @@ ANOMALY_EVENTS: Final[Mapping[str, tuple[str, str]]] = {
     "client_hello": ("tls", "INVALID_CLIENT_HELLO"),
     "tls": ("tls", "INVALID_TLS"),
     "http": ("http", "INVALID_HTTP"),
+    "smtp": ("smtp", "INVALID_SMTP"),
+    "imap": ("imap", "INVALID_IMAP"),
+    "pop3": ("pop3", "INVALID_POP3"),
+    "http2": ("http2", "INVALID_HTTP2"),
+    "websocket": ("websocket", "INVALID_WEBSOCKET"),
 }
 #: ``anomaly.event`` of a ``protocol_error`` whose ``stage`` is not one of the above.
 ANOMALY_OTHER: Final = "PROTOCOL_ERROR"

@@ -88,6 +88,7 @@ class Supervisor:
         self.signer_server.start()
 
     def run(self) -> int:
+        from tlsgate.workers.bypass import LearnedBypass
         from tlsgate.workers.certcache import SharedCertificateCache
 
         config = self.config = resolve_access(self.config)
@@ -101,6 +102,8 @@ class Supervisor:
             serialization.NoEncryption(),
         )
         self.cache = SharedCertificateCache(self.run_dir / "certcache")
+        # always there (tiny), so that a reload can switch learning on
+        self.learned = LearnedBypass.create(self.run_dir / "learned-bypass", config.learned_bypass)
         self._start_signer()
         self.hub = EventHub(events_socket_path(config.state_dir), file_path=config.events_file,
                             gateway_id=f"{socket.gethostname()}:{os.getpid()}",
@@ -257,6 +260,7 @@ class Supervisor:
             signer_socket=self.run_dir / "signer.sock",
             signer=self._signer_connection(),
             cache_path=self.run_dir / "certcache",
+            learned_path=self.run_dir / "learned-bypass",
             leaf_key_pem=self.leaf_key_pem,
             chain_pem=self.chain_pem,
             stats=slot.stats,
@@ -361,6 +365,10 @@ class Supervisor:
                 "prog_id": self.steering.prog_id if self.steering is not None else None,
             },
             "cache": self._cache_status(workers),
+            "learned_bypass": {
+                "enabled": self.config.learned_bypass.enabled,
+                "entries": self.learned.entries(time.time()),
+            },
             "events": self.hub.stats(),
             "ca": {"fingerprint_sha256": self.ca.fingerprint_sha256},
         }
@@ -400,6 +408,9 @@ def prometheus_text(status: dict[str, Any]) -> str:
     cache = status["cache"]
     metric("cert_cache_entries", "gauge", "Certificates in the shared cache.",
            [("", cache.get("size", 0))])  # fmt: skip
+    learned = status.get("learned_bypass", {}).get("entries", [])
+    metric("learned_bypass_entries", "gauge", "Names on the learned bypass list.",
+           [("", len(learned))])  # fmt: skip
     events = status["events"]
     metric("events_produced_total", "counter", "Events received from workers.",
            [("", events.get("produced", 0))])  # fmt: skip

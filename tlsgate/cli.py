@@ -39,6 +39,8 @@ def _run(args: argparse.Namespace) -> int:
         "intercept_from": args.intercept_from,
         "steering_policy": args.steering_policy,
     }
+    if args.learn_bypass:
+        overrides["learned_bypass.enabled"] = True
     if args.bypass:
         overrides["policy.bypass_domains"] = args.bypass
     if args.block:
@@ -136,6 +138,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--block", action="append", metavar="GLOB", help="refuse these names (repeatable)"
+    )
+    run.add_argument(
+        "--learn-bypass",
+        action="store_true",
+        default=None,
+        help="splice names whose clients keep rejecting our certificate (pinning, client "
+        "certificates) for a while; see [learned_bypass] in the config",
     )
     run.add_argument(
         "--allow-client",

@@ -49,6 +49,13 @@ POLICY: Final = "policy"
 GAP: Final = "gap"
 HELLO: Final = "hello"
 CAPTURE_DROP: Final = "capture_drop"
+STARTTLS: Final = "starttls"
+SMTP: Final = "smtp"
+IMAP: Final = "imap"
+POP3: Final = "pop3"
+BYPASS_LEARNED: Final = "bypass_learned"
+BYPASS_EXPIRED: Final = "bypass_expired"
+WEBSOCKET: Final = "websocket"
 ACCESS_REFUSED: Final = "access_refused"
 LIMIT: Final = "limit"
 
@@ -63,6 +70,13 @@ EVENT_TYPES: Final = (
     GAP,
     HELLO,
     CAPTURE_DROP,
+    STARTTLS,
+    SMTP,
+    IMAP,
+    POP3,
+    BYPASS_LEARNED,
+    BYPASS_EXPIRED,
+    WEBSOCKET,
     ACCESS_REFUSED,
     LIMIT,
 )

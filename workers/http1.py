@@ -226,6 +226,10 @@ class HttpExchange:
     complete: bool = False
     #: Protocol a 101 switched to (Upgrade header, lower-cased), e.g. "websocket".
     upgrade: str | None = None
+    #: HTTP/2 stream id (None for HTTP/1.x).
+    stream_id: int | None = None
+    #: HTTP/2 server push: the request came from the server's PUSH_PROMISE.
+    pushed: bool = False
 
 
 _new_object = object.__new__
@@ -241,6 +245,8 @@ def _new_exchange() -> HttpExchange:
     ex.response_headers = []
     ex.request_body_bytes = ex.response_body_bytes = 0
     ex.complete = False
+    ex.stream_id = None
+    ex.pushed = False
     return ex
 
 
@@ -377,7 +383,9 @@ class Http1Inspector:
         "_resp_streamed",
         "_resp_upgrade",
         "_specials",
+        "_switch_end",
         "_unfinished",
+        "switch_rest",
     )
 
     def __init__(
@@ -426,6 +434,10 @@ class Http1Inspector:
         self._blocked: HttpExchange | None = None
         self._blocked_upgrade: str | None = None
         self._held = 0
+        self._switch_end = 0
+        #: Upstream bytes after the head of the response that switched protocols (fed in the
+        #: same call): the first bytes of the new protocol.
+        self.switch_rest = b""
 
         self._req_parser = HttpRequestParser(
             _Callbacks(
@@ -489,6 +501,11 @@ class Http1Inspector:
         """True once the connection switched protocols; feeds are ignored from then on."""
         return self._opaque
 
+    @property
+    def held_bytes(self) -> int:
+        """Client bytes sent after a switch request before its answer (counted, not parsed)."""
+        return self._held
+
     # ------------------------------------------------------------------ public API
 
     def feed_request(self, data: bytes) -> list[HttpExchange]:
@@ -521,6 +538,8 @@ class Http1Inspector:
         try:
             if self._specials:
                 self._feed_responses(data)
+                if self._opaque:
+                    self.switch_rest = bytes(data[self._switch_end :])
             else:
                 self._feed_resp_parser(data)
         except HttpProtocolError as exc:
@@ -821,6 +840,7 @@ class Http1Inspector:
             else:
                 self._hd_tail = (self._hd_tail + data[pos:stop])[-3:]
             if self._resp_heads != heads:
+                self._switch_end = stop
                 return self._special_verdict(stop, n)
             if end < 0:
                 return n

@@ -27,7 +27,7 @@ import ipaddress
 import logging
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -37,22 +37,31 @@ from tlsgate.errors import (
     ClientHelloError,
     ConnectRequestError,
     HttpLimitExceeded,
-    HttpProtocolError,
     RemoteProtocolError,
     UpstreamRefused,
 )
 from tlsgate.supervisor.signer import LeafRequest
 from tlsgate.workers import events as ev
+from tlsgate.workers.appinspect import (
+    close_after_protocol_error,
+    error_stage,
+    event_of,
+    new_inspector,
+)
+from tlsgate.workers.bypass import classify_close, classify_handshake_failure
 from tlsgate.workers.certs import ClientSideState
 from tlsgate.workers.clienthello import ClientHello, client_hello_end, parse_client_hello
 from tlsgate.workers.connect import connect_established, connect_refusal, parse_connect
-from tlsgate.workers.http1 import Http1Inspector, HttpExchange, looks_like_http_request
+from tlsgate.workers.http1 import looks_like_http_request
 from tlsgate.workers.limits import set_socket_buffers
+from tlsgate.workers.mail import MailDialogue, MailProtocolError, Protocol, new_dialogue
 from tlsgate.workers.origdst import original_destination
 from tlsgate.workers.pcap import FlowSynthesizer
 from tlsgate.workers.policy import Decision
 from tlsgate.workers.relay import EndpointError, Relay, TcpEndpoint, TlsEndpoint
+from tlsgate.workers.starttls import ClearTextPhase, Next, Step, record_events, summary_fields
 from tlsgate.workers.upstream import UpstreamInfo
+from tlsgate.workers.websocket import DEFAULT_PAYLOAD_CAP
 
 if TYPE_CHECKING:
     from tlsgate.workers.worker import Worker
@@ -62,6 +71,9 @@ logger = logging.getLogger(__name__)
 #: ALPN offered upstream while validating for a CONNECT, before the client's offer is known.
 PREFLIGHT_ALPN = (b"h2", b"http/1.1")
 MAX_PEEK = 65536
+#: Close reason of the clear-text relay when the server accepted STARTTLS (never reported:
+#: the TLS phase follows on the same connection).
+STARTTLS_SWITCH = "starttls"
 
 # TLS alert descriptions (RFC 8446 §6)
 ALERT_HANDSHAKE_FAILURE = 40
@@ -124,6 +136,14 @@ class Interception:
     handshake_done: float | None = None
     requests: int = 0
     close_reason: str = "error"
+    #: mail ports: the protocol, its clear-text phase and the clear relay's byte counts
+    mail: Protocol | None = None
+    clear: ClearTextPhase | None = None
+    clear_bytes: tuple[int, int] = (0, 0)
+    #: what the TLS phase carried: "http/1.1", "smtp", ..., "opaque"
+    app_protocol: str | None = None
+    #: mail ports: the server accepted STARTTLS and the client now speaks TLS
+    _switched: bool = False
     _tunnel_open: bool = False
     _opened: bool = False
     _hello_len: int = 0
@@ -138,6 +158,13 @@ class Interception:
                 relay = await self._set_up()
             self.relay = relay
             self.close_reason = await relay.done
+            if self.close_reason == STARTTLS_SWITCH:
+                self.clear_bytes = (relay.up.bytes, relay.down.bytes)
+                self.relay = None
+                async with asyncio.timeout(w.config.limits.handshake_timeout):
+                    relay = await self._after_starttls()
+                self.relay = relay
+                self.close_reason = await relay.done
         except TimeoutError:
             self.close_reason = "handshake-timeout"
             self._alert_if_possible(ALERT_INTERNAL_ERROR)
@@ -165,7 +192,7 @@ class Interception:
             req = await self._read_connect()
             self.connect_host = req.host
             self.connect_port = req.port
-            decision, why = w.policy.decide(self.client_addr[0], req.host)
+            decision, why = self._decide(req.host)
             self.decision, self.decision_reason = decision, why
             if decision is not Decision.INTERCEPT:
                 return await self._apply_non_intercept(decision, why, req.host)
@@ -176,7 +203,7 @@ class Interception:
             hello = await self._read_client_hello()
             name = hello.sni or req.host
             if hello.sni and hello.sni != req.host:
-                decision, why = w.policy.decide(self.client_addr[0], hello.sni)
+                decision, why = self._decide(hello.sni)
                 if decision is not Decision.INTERCEPT:
                     self._drop_upstream()
                     return await self._apply_non_intercept(decision, why, hello.sni)
@@ -190,9 +217,12 @@ class Interception:
             self.server_addr = original_destination(self.sock)
             if self.server_addr == w.listen_addr:
                 raise Refusal("loop-refused")
+            self.mail = w.mail_ports.protocol(self.server_addr[1])
+            if self.mail is not None:
+                return await self._clear_text_phase(self.mail)
             hello = await self._read_client_hello()
             name = hello.sni or self.server_addr[0]
-            decision, why = w.policy.decide(self.client_addr[0], hello.sni)
+            decision, why = self._decide(hello.sni, name)
             if decision is not Decision.INTERCEPT:
                 return await self._apply_non_intercept(decision, why, hello.sni)
             self._decided(Decision.INTERCEPT, why)
@@ -238,7 +268,7 @@ class Interception:
         """Has the client been sending one HTTP request head for longer than ``timeout``?
         (Sampled by the worker's sweep; ``now`` is loop time.)"""
         inspector = getattr(self, "_inspector", None)
-        head = inspector.request_head_id if inspector is not None else None
+        head = getattr(inspector, "request_head_id", None)
         if head is None:
             self._head = None
             return False
@@ -297,6 +327,17 @@ class Interception:
         finally:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
 
+    def _decide(self, name: str | None, learned_name: str | None = None) -> tuple[Decision, str]:
+        """The configured policy; then, for a connection it would intercept, the learned
+        bypass list (``learned_name``: the name a rejection was recorded under)."""
+        w = self.worker
+        decision, why = w.policy.decide(self.client_addr[0], name)
+        if decision is Decision.INTERCEPT:
+            entry = w.learned_lookup(learned_name or name)
+            if entry is not None:
+                return Decision.BYPASS, f"learned bypass: {entry.kind} x{entry.rejections}"
+        return decision, why
+
     def _decided(self, decision: Decision, why: str) -> None:
         """The decision is final: record it and report the connection as open."""
         self.decision = decision
@@ -305,7 +346,9 @@ class Interception:
             self._opened = True
             self._emit_open()
 
-    async def _apply_non_intercept(self, decision: Decision, why: str, name: str | None) -> Relay:
+    async def _apply_non_intercept(
+        self, decision: Decision, why: str, name: str | None, up_sock: socket.socket | None = None
+    ) -> Relay:
         w = self.worker
         self._decided(decision, why)
         w.emit(
@@ -327,7 +370,9 @@ class Interception:
                 self._alert_if_possible(ALERT_ACCESS_DENIED)
             raise Refusal("blocked")
         # bypass: splice raw bytes; the peeked ClientHello is still in the socket
-        if self.server_addr is not None:
+        if up_sock is not None:
+            pass  # after STARTTLS: the upstream connection exists
+        elif self.server_addr is not None:
             up_sock = await self._connect_tcp(*self.server_addr)
         else:
             assert self.connect_host is not None and self.connect_port is not None
@@ -340,6 +385,134 @@ class Interception:
         relay.start()
         self.handshake_done = time.monotonic()
         return relay
+
+    # -- mail: the clear-text phase up to STARTTLS ------------------------------------------
+    async def _clear_text_phase(self, protocol: Protocol) -> Relay:
+        """Relay the mail dialogue in clear while watching it (``workers/starttls.py``)."""
+        w = self.worker
+        assert self.server_addr is not None
+        decision, why = w.policy.decide(self.client_addr[0], None)
+        if decision is not Decision.INTERCEPT:
+            return await self._apply_non_intercept(decision, why, None)
+        try:
+            up_sock = await self._connect_tcp(*self.server_addr)
+        except UpstreamRefused as exc:
+            # the client expects a mail greeting, not a TLS alert: the close says it
+            await self._refuse_upstream(exc, self.server_addr[0], self.server_addr[1],
+                                        alert=False)  # fmt: skip
+        self._clear_sock: socket.socket | None = up_sock
+        clear = ClearTextPhase(
+            new_dialogue(protocol, max_line=w.config.mail_max_line),
+            required=w.mail_ports.required(self.server_addr[0]),
+        )
+        self.clear = clear
+        self.app_protocol = protocol.value
+        self._decided(Decision.INTERCEPT, f"{protocol.value}: clear-text phase until STARTTLS")
+        relay = Relay(
+            w.loop,
+            TcpEndpoint("client", self.sock),
+            TcpEndpoint("upstream", up_sock),
+            inspect_client=lambda data: self._clear_step(clear.feed_client, data),
+            inspect_upstream=lambda data: self._clear_step(clear.feed_server, data),
+        )
+        relay.start()
+        self._deadline = w.loop.call_later(
+            w.config.mail_negotiation_timeout, self._negotiation_deadline, relay
+        )
+        return relay
+
+    def _negotiation_deadline(self, relay: Relay) -> None:
+        """The clear-text phase must reach STARTTLS, or show it will not, in bounded time."""
+        clear = self.clear
+        if relay.done.done() or clear is None or clear.settled:
+            return
+        timeout = self.worker.config.mail_negotiation_timeout
+        self._emit_mail("starttls", clear.starttls_event(
+            "timeout", downgrade=False,
+            detail=f"no STARTTLS outcome within {timeout:g} s (mail.negotiation_timeout)",
+        ))  # fmt: skip
+        relay.stop("starttls-timeout")
+
+    def _clear_step(self, feed: Callable[[bytes], Step], data: bytes) -> None:
+        """Feed the clear-text phase and act on its decision (inside a relay callback)."""
+        try:
+            step = feed(data)
+        except MailProtocolError as exc:
+            assert self.mail is not None
+            self._protocol_error(exc, stage=self.mail.value)
+            raise EndpointError("protocol-error") from None
+        for type_, fields in step.events:
+            self._emit_mail(type_, fields)
+        if step.next is Next.SWITCH:
+            # the acceptance is held: written to the client once the clear relay stopped
+            self._starttls_reply = step.reply
+            raise EndpointError(STARTTLS_SWITCH)
+        if step.next is Next.REFUSE:
+            raise EndpointError(step.reason)
+
+    async def _after_starttls(self) -> Relay:
+        """The server accepted STARTTLS: now intercept TLS on the same two connections."""
+        clear = self.clear
+        up_sock = self._clear_sock
+        assert clear is not None and up_sock is not None and self.server_addr is not None
+        self._switched = True
+        await self._send_all(self._starttls_reply)
+        hello = await self._read_client_hello()
+        # the greeting/EHLO banner is the server's own unauthenticated claim: never a name
+        # to validate against; the SNI or the destination IP address is
+        name = hello.sni or self.server_addr[0]
+        self._emit_mail("starttls", {**clear.upgraded(), "sni": hello.sni, "ja3": hello.ja3,
+                                     "ja3_hash": hello.ja3_hash, "ja4": hello.ja4})  # fmt: skip
+        decision, why = self._decide(hello.sni, name)
+        self._clear_sock = None
+        if decision is not Decision.INTERCEPT:
+            return await self._apply_non_intercept(decision, why, hello.sni, up_sock=up_sock)
+        self.decision_reason = why
+        self.upstream = await self._validate_upstream(up_sock, name, hello.alpn,
+                                                      self.server_addr[1])  # fmt: skip
+        return await self._intercept()
+
+    def _mail_inspector(self, dialogue: MailDialogue) -> tuple[Any, Any]:
+        """Inside TLS: the same dialogue parser, reporting transactions and the session."""
+        self._mail_dialogue = dialogue
+
+        def report(records: list[Any]) -> None:
+            for type_, fields in record_events(dialogue, records):
+                self._emit_mail(type_, fields)
+
+        def on_client(data: bytes) -> None:
+            try:
+                report(dialogue.feed_client(data))
+            except MailProtocolError as exc:
+                self._protocol_error(exc, stage=dialogue.protocol.value)
+                raise EndpointError("protocol-error") from None
+
+        def on_upstream(data: bytes) -> None:
+            try:
+                report(dialogue.feed_server(data))
+            except MailProtocolError as exc:
+                self._protocol_error(exc, stage=dialogue.protocol.value)
+                raise EndpointError("protocol-error") from None
+
+        return on_client, on_upstream
+
+    def _emit_mail(self, type_: str, fields: dict[str, Any]) -> None:
+        self.worker.emit(type_, {**self._addresses(), **fields})
+
+    def _finish_mail(self) -> None:
+        """The connection ends: report what the mail parsers still hold."""
+        dialogue: MailDialogue | None = getattr(self, "_mail_dialogue", None)
+        if dialogue is not None:
+            events = record_events(dialogue, dialogue.finish())
+            summary = summary_fields(dialogue)
+            if summary is not None:
+                events.append((dialogue.protocol.value, summary))
+        elif self.clear is not None and not self._switched:
+            events = self.clear.finish()
+        else:
+            return
+        for type_, fields in events:
+            self._emit_mail(type_, fields)
 
     # -- upstream -----------------------------------------------------------------------
     async def _connect_tcp(self, host: str, port: int) -> socket.socket:
@@ -399,9 +572,19 @@ class Interception:
         self, host: str, port: int, name: str, alpn: tuple[bytes, ...]
     ) -> Upstream:
         """Connect and validate; on refusal tell the client and raise Refusal."""
-        w = self.worker
         try:
             sock = await self._connect_tcp(host, port)
+        except UpstreamRefused as exc:
+            await self._refuse_upstream(exc, name, port)
+        return await self._validate_upstream(sock, name, alpn, port)
+
+    async def _validate_upstream(
+        self, sock: socket.socket, name: str, alpn: tuple[bytes, ...], port: int
+    ) -> Upstream:
+        """The TLS handshake with full validation on a connected socket; on refusal tell
+        the client and raise Refusal (the socket is closed either way)."""
+        w = self.worker
+        try:
             try:
                 conn = w.validator.new_connection(
                     sock, server_name=None if _is_ip(name) else name, verify_host=name, alpn=alpn
@@ -412,25 +595,31 @@ class Interception:
                 sock.close()
                 raise
         except UpstreamRefused as exc:
-            self.verdict = "refused"
-            self.verdict_reason = f"{exc.category}: {exc.reason}"
-            w.stats.refused += 1
-            w.emit(ev.UPSTREAM_REFUSED, {
-                "conn": self.conn_id, "sni": self.hello.sni if self.hello else None,
-                "name": name, "server_ip": self.server_addr[0] if self.server_addr else None,
-                "server_port": port, "category": exc.category, "reason": exc.reason,
-            })  # fmt: skip
-            if w.config.mode == "explicit" and not self._tunnel_open:
-                await self._send_all(
-                    connect_refusal(502, f"upstream {name} refused: {exc.reason}"),
-                    ignore_errors=True,
-                )
-            else:
-                self._alert_if_possible(ALERT_HANDSHAKE_FAILURE)
-            raise Refusal("upstream-refused") from None
+            await self._refuse_upstream(exc, name, port)
         self.verdict = "valid"
         self.verdict_reason = None
         return Upstream(sock, conn, info, name, alpn)
+
+    async def _refuse_upstream(
+        self, exc: UpstreamRefused, name: str, port: int, *, alert: bool = True
+    ) -> NoReturn:
+        w = self.worker
+        self.verdict = "refused"
+        self.verdict_reason = f"{exc.category}: {exc.reason}"
+        w.stats.refused += 1
+        w.emit(ev.UPSTREAM_REFUSED, {
+            "conn": self.conn_id, "sni": self.hello.sni if self.hello else None,
+            "name": name, "server_ip": self.server_addr[0] if self.server_addr else None,
+            "server_port": port, "category": exc.category, "reason": exc.reason,
+        })  # fmt: skip
+        if w.config.mode == "explicit" and not self._tunnel_open:
+            await self._send_all(
+                connect_refusal(502, f"upstream {name} refused: {exc.reason}"),
+                ignore_errors=True,
+            )
+        elif alert:
+            self._alert_if_possible(ALERT_HANDSHAKE_FAILURE)
+        raise Refusal("upstream-refused") from None
 
     def _drop_upstream(self) -> None:
         if self.upstream is not None:
@@ -458,7 +647,11 @@ class Interception:
         try:
             await _handshake(w.loop, self.sock, conn, None)
         except SSL.Error as exc:
-            raise EndpointError(f"client-rejected-handshake: {_ssl_text(exc)}") from None
+            text = _ssl_text(exc)
+            kind = classify_handshake_failure(text)
+            if kind is not None and self.verdict == "valid":
+                w.learn_rejection(name, kind, self.conn_id)
+            raise EndpointError(f"client-rejected-handshake: {text}") from None
         self.handshake_done = time.monotonic()
         on_client, on_upstream = self._make_inspector(conn.get_alpn_proto_negotiated() or None)
         if w.capture is not None and self.server_addr is not None:
@@ -496,60 +689,62 @@ class Interception:
         return client, upstream
 
     def _make_inspector(self, alpn: bytes | None) -> tuple[Any, Any]:
-        """HTTP/1.1 inspection when the tunnel speaks it; opaque (byte counts) otherwise."""
-        if alpn not in (None, b"http/1.1"):
-            return None, None
+        """Mail ports: the mail dialogue (:mod:`tlsgate.workers.mail`). Otherwise the
+        inspector of the negotiated protocol (:mod:`tlsgate.workers.appinspect`); opaque
+        (byte counts in ``conn_close``, JA3/JA4 in ``conn_open``) for other protocols and
+        for non-HTTP without ALPN."""
+        if self.mail is not None:
+            self.app_protocol = self.mail.value
+            return self._mail_inspector(
+                new_dialogue(self.mail, max_line=self.worker.config.mail_max_line, tls=True)
+            )
         w = self.worker
-        lim = w.config.limits
-        inspector = Http1Inspector(
-            record_headers=w.config.record_headers, redact_headers=w.config.redact_headers,
-            max_header_bytes=lim.max_header_bytes, max_request_line=lim.max_request_line,
-            max_header_count=lim.max_header_count,
+        inspector = new_inspector(
+            alpn, record_headers=w.config.record_headers, redact_headers=w.config.redact_headers,
+            ws_payload_cap=DEFAULT_PAYLOAD_CAP if w.capture is not None else None,
+            limits=w.config.limits,
         )  # fmt: skip
+        if inspector is None:
+            self.app_protocol = "opaque"
+            return None, None
+        if alpn is not None:
+            self.app_protocol = alpn.decode("latin-1")
         self._inspector = inspector
         sniffed: list[bool] = []  # without ALPN: decide on the first client bytes
+
+        def feed(method: Any, data: bytes) -> None:
+            try:
+                self._report(method(data))
+            except RemoteProtocolError as exc:
+                if isinstance(exc, HttpLimitExceeded):
+                    self.worker.limit_hit(exc.limit, self)
+                self._protocol_error(exc, stage=error_stage(exc))
+                raise EndpointError("protocol-error") from None
 
         def on_client(data: bytes) -> None:
             if alpn is None and not sniffed:
                 sniffed.append(looks_like_http_request(data))
-            if inspector.opaque or (sniffed and not sniffed[0]):
+                self.app_protocol = "http/1.1" if sniffed[0] else "opaque"
+            if getattr(inspector, "opaque", False) or (sniffed and not sniffed[0]):
                 return
-            try:
-                self._report(inspector.feed_request(data))
-            except HttpProtocolError as exc:
-                self._http_error(exc)
+            feed(inspector.feed_client, data)
 
         def on_upstream(data: bytes) -> None:
-            if inspector.opaque or (alpn is None and (not sniffed or not sniffed[0])):
+            if getattr(inspector, "opaque", False) or (
+                alpn is None and (not sniffed or not sniffed[0])
+            ):
                 return
-            try:
-                self._report(inspector.feed_response(data))
-            except HttpProtocolError as exc:
-                self._http_error(exc)
+            feed(inspector.feed_server, data)
 
         return on_client, on_upstream
 
-    def _http_error(self, exc: HttpProtocolError) -> NoReturn:
-        if isinstance(exc, HttpLimitExceeded):
-            self.worker.limit_hit(exc.limit, self)
-        self._protocol_error(exc, stage="http")
-        raise EndpointError("protocol-error") from None
-
-    def _report(self, exchanges: list[HttpExchange]) -> None:
-        for x in exchanges:
-            self.requests += 1
-            self.worker.emit(ev.HTTP, {
-                **self._addresses(),
-                "sni": self.hello.sni if self.hello else None,
-                "method": x.method, "host": x.host, "path": x.path, "http_version": x.version,
-                "status": x.status, "request_headers": x.request_headers,
-                "response_headers": x.response_headers,
-                "request_body_bytes": x.request_body_bytes,
-                "response_body_bytes": x.response_body_bytes,
-                "content_type": x.content_type, "user_agent": x.user_agent,
-                "request_content_type": x.request_content_type,
-                "complete": x.complete, "upgrade": x.upgrade,
-            })  # fmt: skip
+    def _report(self, reports: list[Any]) -> None:
+        sni = self.hello.sni if self.hello else None
+        for report in reports:
+            kind, fields = event_of(report)
+            if kind == ev.HTTP:
+                self.requests += 1
+            self.worker.emit(kind, {**self._addresses(), "sni": sni, **fields})
 
     # -- endings --------------------------------------------------------------------------
     def _protocol_error(self, exc: RemoteProtocolError, stage: str | None = None) -> None:
@@ -567,12 +762,27 @@ class Interception:
             ev.PROTOCOL_ERROR, {**self._addresses(), "stage": stage, "error": str(exc)}
         )
 
+    def _learn_from_quick_close(self) -> None:
+        """A client that closes right after our completed handshake, having sent nothing,
+        rejected our certificate too (pinning checks that run after the handshake)."""
+        relay, up = self.relay, self.upstream
+        if relay is None or up is None or self.client_conn is None or self.handshake_done is None:
+            return
+        if self.verdict != "valid":
+            return  # never learn from anything but a client refusing a valid upstream's leaf
+        after = time.monotonic() - self.handshake_done
+        kind = classify_close(relay.first_eof or self.close_reason, relay.up.bytes, after)
+        if kind is not None:
+            self.worker.learn_rejection(up.verified_name, kind, self.conn_id)
+
     def _alert_if_possible(self, description: int) -> None:
         """Refuse a client that expects a TLS handshake we never started."""
         if self.client_conn is not None:
             return
         if self.worker.config.mode == "explicit" and not self._tunnel_open:
             return
+        if self.mail is not None and not self._switched:
+            return  # a mail client in its clear-text phase: TLS bytes would be garbage to it
         try:
             if self._hello_len:
                 self.sock.recv(self._hello_len)  # consume it, or close() would send RST
@@ -614,11 +824,18 @@ class Interception:
         relay = self.relay
         if relay is not None and not relay.done.done():
             relay.stop(self.close_reason)
+        deadline = getattr(self, "_deadline", None)
+        if deadline is not None:
+            deadline.cancel()
+        self._finish_mail()
+        self._learn_from_quick_close()
         inspector = getattr(self, "_inspector", None)
+        if relay is not None and self.close_reason == "protocol-error":
+            close_after_protocol_error(relay, inspector)
         if inspector is not None:
             try:
                 self._report(inspector.finish())
-            except HttpProtocolError:
+            except RemoteProtocolError:
                 pass  # a response cut short by the close: already counted as incomplete
         flow = getattr(self, "_flow", None)
         if flow is not None:
@@ -626,9 +843,9 @@ class Interception:
         up = self.upstream
         if up is not None:
             up.sock.close()
-        bypass = getattr(self, "_bypass_sock", None)
-        if bypass is not None:
-            bypass.close()
+        for extra in (getattr(self, "_bypass_sock", None), getattr(self, "_clear_sock", None)):
+            if extra is not None:
+                extra.close()
         if self.client_conn is None and relay is None:
             _discard_unread(self.sock)
         self.sock.close()
@@ -650,8 +867,9 @@ class Interception:
             "upstream_fingerprint_sha256": info.fingerprint_sha256 if info else None,
             "upstream_verdict": self.verdict,
             "upstream_verdict_reason": self.verdict_reason,
-            "bytes_from_client": relay.up.bytes if relay else 0,
-            "bytes_from_server": relay.down.bytes if relay else 0,
+            "bytes_from_client": (relay.up.bytes if relay else 0) + self.clear_bytes[0],
+            "bytes_from_server": (relay.down.bytes if relay else 0) + self.clear_bytes[1],
+            "app_protocol": self.app_protocol,
             "duration": round(now - self.started, 6),
             "handshake_duration": round(self.handshake_done - self.started, 6)
             if self.handshake_done else None,

@@ -39,6 +39,7 @@ class WorkerSpec:
     signer_socket: Path
     signer: socket.socket  # connected to the signer by the supervisor (path is root-only)
     cache_path: Path
+    learned_path: Path
     leaf_key_pem: bytes
     chain_pem: bytes
     stats: object  # multiprocess shared array of doubles, arbiter.STATS_FIELDS
@@ -75,6 +76,7 @@ def _boot(spec: WorkerSpec):  # type: ignore[no-untyped-def]
 
     from tlsgate.supervisor.config import Config
     from tlsgate.supervisor.signer_service import SignerClient
+    from tlsgate.workers.bypass import LearnedBypass
     from tlsgate.workers.certcache import SharedCertificateCache
     from tlsgate.workers.certs import ClientContexts
     from tlsgate.workers.eventpipe import PipeForwarder
@@ -92,6 +94,7 @@ def _boot(spec: WorkerSpec):  # type: ignore[no-untyped-def]
     # root: the cache file, the trust store, the signer connection (handed over by the
     # supervisor). Then root is dropped for good.
     cache = SharedCertificateCache.open_reader(spec.cache_path)
+    learned = LearnedBypass.open(spec.learned_path, config.learned_bypass)
     validator = UpstreamValidator(
         ca_bundle=str(config.upstream_ca_bundle) if config.upstream_ca_bundle else None
     )
@@ -124,6 +127,7 @@ def _boot(spec: WorkerSpec):  # type: ignore[no-untyped-def]
     forwarder = PipeForwarder(queue, spec.events)
     worker = Worker(spec.worker_id, config, spec.listener, validator=validator,
                     client_contexts=contexts, emitter=emitter)  # fmt: skip
+    worker.learned = learned
     if capture is not None:
         capture.start()
         worker.capture = capture

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import logging
 import socket
 from collections.abc import Callable
 
@@ -31,6 +32,8 @@ READ_SIZE = 65536
 #: per readiness event before yielding to other connections.
 READ_BUDGET = 256 * 1024
 FULL_RECORD = 16384
+
+log = logging.getLogger(__name__)
 
 
 class EndpointError(Exception):
@@ -314,6 +317,12 @@ class Relay:
                 pipe.inspect(data)
             except EndpointError as exc:
                 self.stop(exc.reason)
+                return False
+            except Exception:
+                # A bug in an inspector costs this connection (closed, never passed through
+                # uninspected), not the worker; the traceback is for whoever fixes it.
+                log.exception("inspector failed on %d bytes; closing the connection", len(data))
+                self.stop("inspector-error")
                 return False
         try:
             sent = pipe.dst.send(data)

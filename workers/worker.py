@@ -28,11 +28,13 @@ from typing import Any
 from tlsgate.supervisor.config import Config
 from tlsgate.workers import events as ev
 from tlsgate.workers.access import SourceTally
+from tlsgate.workers.bypass import Entry, LearnedBypass
 from tlsgate.workers.certs import ClientContexts
 from tlsgate.workers.intercept import Interception
 from tlsgate.workers.limits import set_socket_buffers
 from tlsgate.workers.policy import Policy
 from tlsgate.workers.resolver import Resolver
+from tlsgate.workers.starttls import MailPorts
 from tlsgate.workers.upstream import UpstreamValidator
 
 ACCEPT_BATCH = 64
@@ -86,10 +88,14 @@ class Worker:
         self.per_client: dict[str, int] = {}
         self.stats = WorkerStats()
         self.resolver = Resolver()
+        self.mail_ports = MailPorts.build(config.smtp_ports, config.imap_ports,
+                                          config.pop3_ports, config.starttls_required)  # fmt: skip
         #: publishes the active-connection count for least-loaded eBPF steering (or None)
         self.load_publisher: Any = None
         #: opt-in pcap export (a PcapFileWriter) or None
         self.capture: Any = None
+        #: the learned bypass list shared by all workers (workers/bypass.py) or None
+        self.learned: LearnedBypass | None = None
         self._capture_dropped = 0
         self.active: set[Interception] = set()
         self._next_conn = 0
@@ -235,6 +241,7 @@ class Worker:
             self.emitter.flush_gap()
             self._report_capture_drops()
             self._report_refusals()
+            self._expire_learned()
             now = self.loop.time()
             for interception in list(self.active):
                 relay = interception.relay
@@ -245,6 +252,39 @@ class Worker:
                 elif interception.request_head_overdue(now, header_timeout):
                     self.limit_hit("header_timeout", interception)
                     relay.stop("header-timeout")
+
+    def learned_lookup(self, name: str | None) -> Entry | None:
+        """A live learned-bypass entry for ``name`` (expiry reported by whoever sees it)."""
+        if self.learned is None or not name or not self.config.learned_bypass.enabled:
+            return None
+        live, expired = self.learned.lookup(name, time.time())
+        if expired is not None:
+            self._bypass_expired(expired, "ttl")
+        return live
+
+    def learn_rejection(self, name: str, kind: str, conn_id: str) -> None:
+        """A client rejected our certificate for ``name`` (upstream was valid)."""
+        if self.learned is None or not self.config.learned_bypass.enabled:
+            return
+        now = time.time()
+        learned = self.learned.record_rejection(name, kind, now)
+        if learned is None:
+            return
+        if learned.evicted is not None:
+            self._bypass_expired(learned.evicted, "evicted")
+        s = self.config.learned_bypass
+        self.emit(ev.BYPASS_LEARNED, {**learned.entry.fields(now), "conn": conn_id,
+                                      "threshold": s.threshold, "window": s.window,
+                                      "ttl": s.ttl})  # fmt: skip
+
+    def _bypass_expired(self, entry: Entry, reason: str) -> None:
+        self.emit(ev.BYPASS_EXPIRED, {**entry.fields(time.time()), "reason": reason})
+
+    def _expire_learned(self) -> None:
+        if self.learned is None:
+            return
+        for entry in self.learned.expire(time.time()):
+            self._bypass_expired(entry, "ttl")
 
     def _report_capture_drops(self) -> None:
         """pcap records the writer could not keep up with (or the disk refused) are counted

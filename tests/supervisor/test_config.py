@@ -81,3 +81,48 @@ def test_listen_accepts_bracketed_ipv6_and_port_zero() -> None:
 def test_config_is_immutable() -> None:
     with pytest.raises(AttributeError):
         Config().mode = "transparent"  # type: ignore[misc]
+
+
+def test_mail_ports_default_to_the_starttls_ports_and_are_configurable() -> None:
+    default = build_config({})
+    assert (default.smtp_ports, default.imap_ports, default.pop3_ports) == (
+        (25, 587),
+        (143,),
+        (110,),
+    )
+    mail = {"smtp_ports": [2525], "max_line": 2048, "negotiation_timeout": 5,
+            "starttls_required": ["192.0.2.0/24"]}  # fmt: skip
+    config = build_config({"mail": mail})
+    assert config.smtp_ports == (2525,) and config.mail_max_line == 2048
+    assert config.mail_negotiation_timeout == 5.0 and config.starttls_required == ("192.0.2.0/24",)
+
+
+@pytest.mark.parametrize(("mail", "message"), [
+    ({"smtp_ports": [143]}, "port 143 is also in mail.smtp_ports"),
+    ({"max_line": 100}, "at least 512"),
+    ({"starttls_required": ["mail.example"]}, "is not a network"),
+    ({"pop3_ports": [0]}, "list of ports"),
+    ({"smtp": [25]}, "unknown setting 'smtp'"),
+])  # fmt: skip
+def test_bad_mail_settings_are_startup_errors(mail: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        build_config({"mail": mail})
+
+
+def test_learned_bypass_is_off_by_default_and_configurable(tmp_path: Path) -> None:
+    assert build_config({}).learned_bypass.enabled is False
+    path = tmp_path / "tlsgate.toml"
+    path.write_text("[learned_bypass]\nthreshold = 5\nttl = 60\nmax_entries = 10\n")
+    config = load_config(path, {"learned_bypass.enabled": True})
+    lb = config.learned_bypass
+    assert (lb.enabled, lb.threshold, lb.ttl, lb.max_entries, lb.window) == (
+        True,
+        5,
+        60.0,
+        10,
+        300.0,
+    )
+    with pytest.raises(ConfigError, match=r"learned_bypass\.threshold must be a positive int"):
+        build_config({"learned_bypass": {"threshold": 0}})
+    with pytest.raises(ConfigError, match=r"learned_bypass\.enabled must be true or false"):
+        build_config({"learned_bypass": {"enabled": "yes"}})

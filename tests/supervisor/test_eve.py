@@ -335,12 +335,18 @@ def test_a_protocol_error_becomes_an_applayer_anomaly_record() -> None:
         ("client_hello", "tls", "INVALID_CLIENT_HELLO"),
         ("tls", "tls", "INVALID_TLS"),
         ("http", "http", "INVALID_HTTP"),
+        ("smtp", "smtp", "INVALID_SMTP"),
+        ("imap", "imap", "INVALID_IMAP"),
+        ("pop3", "pop3", "INVALID_POP3"),
+        ("http2", "http2", "INVALID_HTTP2"),
+        ("websocket", "websocket", "INVALID_WEBSOCKET"),
     ],
 )
 def test_the_anomaly_names_the_protocol_and_a_stable_token_for_the_stage(
     stage: str, app_proto: str, token: str
 ) -> None:
     (record,) = render(with_fields(PROTOCOL_ERROR, stage=stage))
+    assert schema_errors(record) == []
     assert record["app_proto"] == app_proto
     assert record["anomaly"]["app_proto"] == app_proto
     assert record["anomaly"]["event"] == token

@@ -138,6 +138,38 @@ def test_an_inspector_that_rejects_the_bytes_ends_the_connection_before_they_are
     run(scenario)
 
 
+def test_an_inspector_that_fails_unexpectedly_ends_the_connection_instead_of_passing_bytes(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A bug in an inspector must close the connection at once (fail closed), not escape
+    # into the event loop and leave the connection hanging until the idle timeout.
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        client, relay_client = pair()
+        relay_upstream, server = pair()
+
+        def inspect(data: bytes) -> None:
+            if b"BUG" in data:
+                raise KeyError("inspector bug")
+
+        relay = Relay(loop, TcpEndpoint("client", relay_client),
+                      TcpEndpoint("upstream", relay_upstream), inspect_client=inspect)  # fmt: skip
+        relay.start()
+        await loop.sock_sendall(client, b"fine")
+        assert await read_exactly(server, 4) == b"fine"
+        await loop.sock_sendall(client, b"BUG here")
+        assert await asyncio.wait_for(relay.done, 5) == "inspector-error"
+        server.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            server.recv(100)
+        for s in (client, relay_client, relay_upstream, server):
+            s.close()
+
+    with caplog.at_level("ERROR", logger="tlsgate.workers.relay"):
+        run(scenario)
+    assert "inspector failed" in caplog.text and "KeyError" in caplog.text
+
+
 def test_a_reset_is_reported_with_the_side_that_reset() -> None:
     """The client closes with an answer still unread: its kernel sends RST."""
 
