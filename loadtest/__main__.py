@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import sys
 
-from tlsgate.loadtest import eventpath, loopback
+from tlsgate.loadtest import eventpath, loopback, soak
 
-COMMANDS = {"loopback": loopback.main, "events": eventpath.main}
+COMMANDS = {"loopback": loopback.main, "events": eventpath.main, "soak": soak.main}
 
 
 def main(argv: list[str] | None = None) -> int:

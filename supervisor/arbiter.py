@@ -66,6 +66,7 @@ class Arbiter:
         spawn: Callable[[Slot], None],
         on_slot_socket: Callable[[Slot], None],
         log: Callable[[str], None],
+        report: Callable[[str, dict[str, Any]], None] | None = None,
     ) -> None:
         self.slots = [Slot(k, make_listener(k)) for k in range(n_workers)]
         self.drain_deadline = drain_timeout + DRAIN_GRACE
@@ -73,6 +74,8 @@ class Arbiter:
         self._spawn = spawn
         self._on_slot_socket = on_slot_socket
         self._log = log
+        #: ``report(event_type, fields)``: the supervisor's events (``worker_exit``)
+        self._report = report
         self._signals: queue.SimpleQueue[int] = queue.SimpleQueue()
         self.requests: queue.SimpleQueue[tuple[str, Any, Callable[[Any], None]]] = (
             queue.SimpleQueue()
@@ -169,6 +172,8 @@ class Arbiter:
             slot.restarts += 1
             self._log(f"worker {slot.index} (pid {proc.pid}) exited with code {code}; "
                       f"restarting{f' in {backoff:.1f} s' if backoff else ''}")  # fmt: skip
+            if self._report is not None:
+                self._report("worker_exit", _exit_fields(slot, proc.pid, code, lived, backoff))
 
     def check_heartbeats(self) -> None:
         now = time.monotonic()
@@ -233,3 +238,22 @@ class Arbiter:
             if proc.is_alive():
                 proc.kill()
                 proc.join(5)
+
+
+def _exit_fields(
+    slot: Slot, pid: int, code: int | None, lived: float, backoff: float
+) -> dict[str, Any]:
+    """The ``worker_exit`` event: who died, how, and what it was serving at its last beat."""
+    stats = dict(zip(STATS_FIELDS, slot.stats or [0.0] * len(STATS_FIELDS), strict=True))
+    sig = -code if code is not None and code < 0 else None
+    return {
+        "worker_id": slot.index,
+        "pid": pid,
+        "exit_code": code,
+        "signal": signal.Signals(sig).name if sig else None,
+        "lifetime": round(lived, 3),
+        # connections the worker had open at its last heartbeat: they ended without conn_close
+        "connections_cut": int(stats["active"]),
+        "restarts": slot.restarts,
+        "restart_in": round(backoff, 3),
+    }

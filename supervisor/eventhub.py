@@ -21,6 +21,12 @@ Rules:
   write that succeeds is preceded by a ``gap`` event (``stage`` ``"file"``).
 - Events the hub makes itself carry ``worker`` -1 and a ``seq`` counted per output
   stream (the ``hello`` is 0).
+- A subscriber that goes away while the gateway runs (it closed, reset, or sent data) is
+  reported to ``on_subscriber_closed(reason, undelivered_events, undelivered_bytes)``
+  (the supervisor turns it into a ``subscriber_closed`` event); what was buffered for it
+  is freed at once.
+- A source whose ``finished`` attribute is true (a worker's pipe after the worker exited)
+  is drained one last time and then forgotten, so restarts do not accumulate sources.
 - The socket is created with ``socket_mode`` already set (bound under a temporary name,
   chmod-ed, then hard-linked into place, which also fails if the name was taken). A
   socket file left by a dead gateway is removed; one that accepts connections means
@@ -149,6 +155,7 @@ class EventHub:
         gateway_id: str,
         subscriber_buffer_bytes: int = DEFAULT_SUBSCRIBER_BUFFER_BYTES,
         max_subscribers: int = MAX_SUBSCRIBERS,
+        on_subscriber_closed: Callable[[str, int, int], None] | None = None,
     ) -> None:
         if subscriber_buffer_bytes < MIN_SUBSCRIBER_BUFFER_BYTES:
             raise ValueError(
@@ -162,6 +169,9 @@ class EventHub:
         self._limit = subscriber_buffer_bytes
         self._low_water = subscriber_buffer_bytes // 2
         self._max_subscribers = max_subscribers
+        self._on_subscriber_closed = on_subscriber_closed
+        #: Subscribers that went away while the gateway ran.
+        self.subscribers_closed = 0
 
         self.produced = 0
         self.delivered = 0
@@ -255,6 +265,8 @@ class EventHub:
                 STAGE_FILE: self._dropped_file,
             },
             "subscribers": len(self._subscribers),
+            "subscribers_closed": self.subscribers_closed,
+            "sources": len(self._sources),
         }
 
     def _wake(self) -> None:
@@ -361,11 +373,18 @@ class EventHub:
     def _pump(self) -> bool:
         """Drain every source once and dispatch; True if a source had more waiting."""
         more = False
+        finished = []
         for source in self._sources:
+            done = getattr(source, "finished", False)  # read before draining: no race
             batch = source.drain(MAX_DRAIN_PER_SOURCE)
             if batch:
                 self._dispatch(batch)
                 more = more or len(batch) >= MAX_DRAIN_PER_SOURCE
+            elif done:
+                finished.append(source)
+        if finished:
+            with self._sources_lock:
+                self._sources = tuple(s for s in self._sources if s not in finished)
         return more
 
     def _dispatch(self, batch: Sequence[bytes]) -> None:
@@ -451,7 +470,7 @@ class EventHub:
                 sent = -1
             except OSError as exc:
                 logger.info("event subscriber %d went away: %s", sub.fd, exc)
-                self._close_subscriber(sub)
+                self._close_subscriber(sub, exc.strerror or str(exc))
                 return
             if sent < 0:
                 break
@@ -482,12 +501,12 @@ class EventHub:
                 pass
             except OSError as exc:
                 logger.info("event subscriber %d went away: %s", sub.fd, exc)
-                self._close_subscriber(sub)
+                self._close_subscriber(sub, exc.strerror or str(exc))
                 return
             else:
                 if data:
                     logger.warning("event subscriber %d sent data; closing it", sub.fd)
-                self._close_subscriber(sub)
+                self._close_subscriber(sub, "sent data" if data else "closed")
                 return
         if mask & selectors.EVENT_WRITE:
             self._flush(sub)
@@ -596,13 +615,21 @@ class EventHub:
 
     # -- tear-down ------------------------------------------------------------------
 
-    def _close_subscriber(self, sub: _Subscriber) -> None:
+    def _close_subscriber(self, sub: _Subscriber, reason: str | None = None) -> None:
+        """Forget ``sub``; ``reason`` (it went away while we run) is reported."""
         if self._subscribers.get(sub.fd) is not sub:
             return  # closed already (its descriptor number may belong to a new one)
         del self._subscribers[sub.fd]
         if self._selector is not None:
             self._selector.unregister(sub.sock)
         sub.sock.close()
+        if reason is not None:
+            self.subscribers_closed += 1
+            undelivered = len(sub.chunks) + sub.owed
+            buffered = sub.buffered
+            sub.chunks.clear()
+            if self._on_subscriber_closed is not None:
+                self._on_subscriber_closed(reason, undelivered, buffered)
 
     def _close_listener(self) -> None:
         listener = self._listener

@@ -741,7 +741,10 @@ class SignerServer:
         self._connections.pop(conn.fd, None)
         self._ready.pop(conn.fd, None)
         if conn.interest and self._selector is not None:
-            self._selector.unregister(conn.sock)
+            try:
+                self._selector.unregister(conn.sock)
+            except (KeyError, ValueError, OSError):
+                pass  # the selector broke (that is why the service is failing): close anyway
         conn.interest = 0
         conn.sock.close()
 

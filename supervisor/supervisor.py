@@ -38,6 +38,13 @@ from tlsgate.supervisor.listeners import banner, make_listener
 from tlsgate.supervisor.signer import LeafSigner, generate_leaf_key
 from tlsgate.workers.certs import chain_to_send
 from tlsgate.workers.eventpipe import PipeSource
+from tlsgate.workers.events import (
+    SIGNER_RESTART,
+    SUBSCRIBER_CLOSED,
+    SUPERVISOR_WORKER_ID,
+    EventEmitter,
+    EventQueue,
+)
 from tlsgate.workers.process import WorkerSpec, worker_main
 
 TCP_MIGRATE_REQ = Path("/proc/sys/net/ipv4/tcp_migrate_req")
@@ -62,6 +69,7 @@ class Supervisor:
         self._migrate_saved: str | None = None
         self._bound: tuple[str, int] | None = None
         self.signer_server: Any = None
+        self.signer_restarts = 0
 
     def log(self, message: str) -> None:
         self.out.write(f"tlsgate: {message}\n")
@@ -107,7 +115,12 @@ class Supervisor:
         self._start_signer()
         self.hub = EventHub(events_socket_path(config.state_dir), file_path=config.events_file,
                             gateway_id=f"{socket.gethostname()}:{os.getpid()}",
-                            subscriber_buffer_bytes=config.events_subscriber_buffer)  # fmt: skip
+                            subscriber_buffer_bytes=config.events_subscriber_buffer,
+                            on_subscriber_closed=self._subscriber_closed)  # fmt: skip
+        # the supervisor's own events (worker exits, lost subscribers): a source like a worker
+        own_events = EventQueue()
+        self.emitter = EventEmitter(SUPERVISOR_WORKER_ID, own_events)
+        self.hub.add_source(own_events)
         self.arbiter = Arbiter(
             config.workers,
             config.limits.drain_timeout,
@@ -115,6 +128,7 @@ class Supervisor:
             self._spawn,
             self._on_slot_socket,
             self.log,
+            report=self.emitter.emit,
         )
         self._check_worker_user()
         self._prepare_pcap_dir()
@@ -143,7 +157,7 @@ class Supervisor:
             self.log(access_summary(config))
             if self.steering_state["reason"]:
                 self.log(self.steering_state["reason"])
-            self.arbiter.run(on_reload=self._reload, tick=lambda: None)
+            self.arbiter.run(on_reload=self._reload, tick=self._keep_signer)
         finally:
             if self.rules is not None:
                 self.rules.remove()
@@ -274,6 +288,30 @@ class Supervisor:
         theirs.close()
         spec.signer.close()
         slot.process = proc
+
+    def _keep_signer(self) -> None:
+        """The signer thread died: a new one, an event, and new workers (who could not
+        reconnect by path after dropping root); see supervisor/signer_keeper.py."""
+        from tlsgate.supervisor.signer_keeper import revive
+
+        if self.signer_server is None or self.arbiter.stopping:
+            return
+        revived = revive(self.signer_server)
+        if revived is None:
+            return
+        self.signer_server, reason = revived
+        self.signer_restarts += 1
+        self.log(f"the signer service died ({reason}); restarted it, replacing the workers")
+        self.emitter.emit(SIGNER_RESTART, {"reason": reason, "restarts": self.signer_restarts})
+        for slot in self.arbiter.slots:
+            self.arbiter.replace(slot, reason="signer restart")
+
+    def _subscriber_closed(self, reason: str, undelivered: int, undelivered_bytes: int) -> None:
+        """An IDS subscriber went away (hub thread): the others learn what it missed."""
+        self.emitter.emit(SUBSCRIBER_CLOSED, {
+            "reason": reason, "undelivered_events": undelivered,
+            "undelivered_bytes": undelivered_bytes, "subscribers": self.hub.stats()["subscribers"],
+        })  # fmt: skip
 
     def _signer_connection(self) -> socket.socket:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -38,10 +38,14 @@ def encode_frame(events: list[bytes]) -> bytes:
 
 
 def decode_frame(body: bytes) -> list[bytes]:
+    """The events of a frame body; :class:`ValueError` for anything else (the worker that
+    sent it may be compromised)."""
     events = []
     view = memoryview(body)
     pos = 0
     while pos < len(body):
+        if pos + _U32.size > len(body):
+            raise ValueError("event frame is truncated inside a length field")
         (n,) = _U32.unpack_from(view, pos)
         pos += 4
         if pos + n > len(body):
@@ -113,6 +117,11 @@ class PipeSource:
 
     def __len__(self) -> int:
         return len(self._items)
+
+    @property
+    def finished(self) -> bool:
+        """The worker's end closed and every event was handed to the hub."""
+        return self.closed.is_set() and not self._items
 
     def start(self) -> None:
         self.sock.setblocking(True)

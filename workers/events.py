@@ -58,6 +58,9 @@ BYPASS_EXPIRED: Final = "bypass_expired"
 WEBSOCKET: Final = "websocket"
 ACCESS_REFUSED: Final = "access_refused"
 LIMIT: Final = "limit"
+WORKER_EXIT: Final = "worker_exit"
+SUBSCRIBER_CLOSED: Final = "subscriber_closed"
+SIGNER_RESTART: Final = "signer_restart"
 
 #: Every event type of schema version 1.
 EVENT_TYPES: Final = (
@@ -79,6 +82,9 @@ EVENT_TYPES: Final = (
     WEBSOCKET,
     ACCESS_REFUSED,
     LIMIT,
+    WORKER_EXIT,
+    SUBSCRIBER_CLOSED,
+    SIGNER_RESTART,
 )
 
 #: The keys every event starts with, in encoding order.
@@ -86,6 +92,11 @@ COMMON_FIELDS: Final = ("type", "version", "ts", "worker", "seq")
 
 #: ``worker`` of the events the hub creates itself (``hello``, subscriber/file gaps).
 HUB_WORKER_ID: Final = -1
+
+#: ``worker`` of the events the supervisor creates (``worker_exit``, ``subscriber_closed``,
+#: ``signer_restart``);
+#: they have their own ``seq``, counted like a worker's.
+SUPERVISOR_WORKER_ID: Final = -2
 
 #: ``stage`` values of ``gap`` events: where the events were lost.
 STAGE_WORKER_QUEUE: Final = "worker-queue"

@@ -41,6 +41,7 @@ from tlsgate.errors import (
     UpstreamRefused,
 )
 from tlsgate.supervisor.signer import LeafRequest
+from tlsgate.supervisor.signer_service import SignerUnavailable
 from tlsgate.workers import events as ev
 from tlsgate.workers.appinspect import (
     close_after_protocol_error,
@@ -168,6 +169,7 @@ class Interception:
         except TimeoutError:
             self.close_reason = "handshake-timeout"
             self._alert_if_possible(ALERT_INTERNAL_ERROR)
+            self._answer_timeout()
         except Refusal as exc:
             self.close_reason = exc.close_reason
         except ClientGone:
@@ -176,6 +178,10 @@ class Interception:
             self._protocol_error(exc)
         except EndpointError as exc:
             self.close_reason = exc.reason
+        except SignerUnavailable:
+            # no certificate can be minted (the supervisor restarts the signer): refuse
+            self.close_reason = "signer-unavailable"
+            self._alert_if_possible(ALERT_INTERNAL_ERROR)
         except OSError as exc:
             self.close_reason = f"error: {exc.strerror or exc}"
         except Exception:
@@ -790,6 +796,22 @@ class Interception:
             self.sock.shutdown(socket.SHUT_WR)
         except OSError:
             pass  # the client is gone; nothing to tell it
+
+    def _answer_timeout(self) -> None:
+        """Explicit mode before the tunnel: answer 408 (the client's CONNECT was incomplete)
+        or 504 (the upstream was too slow) instead of just closing."""
+        if self.worker.config.mode != "explicit" or self._tunnel_open or self.relay is not None:
+            return
+        limit = self.worker.config.limits.handshake_timeout
+        if self.connect_host is None:
+            answer = connect_refusal(408, f"the CONNECT request was not complete within {limit} s")
+        else:
+            target = f"{self.connect_host}:{self.connect_port}"
+            answer = connect_refusal(504, f"reaching and validating {target} took over {limit} s")
+        try:
+            self.sock.send(answer)
+        except OSError:
+            pass  # the client is gone or its window is full: the close tells it enough
 
     async def _send_all(self, data: bytes, ignore_errors: bool = False) -> None:
         try:

@@ -6,6 +6,7 @@ import os
 import shutil
 import socket
 import stat
+import struct
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -417,6 +418,8 @@ def test_stats_count_produced_delivered_dropped_and_subscribers(
         "delivered": 0,
         "dropped": {"worker-queue": 0, "subscriber": 0, "file": 0},
         "subscribers": 0,
+        "subscribers_closed": 0,
+        "sources": 1,
     }
     subs = [connect(path), connect(path)]
     wait_for(lambda: hub.stats()["subscribers"] == 2)
@@ -428,6 +431,43 @@ def test_stats_count_produced_delivered_dropped_and_subscribers(
     assert hub.stats()["produced"] == 100
     subs[0].close()
     wait_for(lambda: hub.stats()["subscribers"] == 1)
+    assert hub.stats()["subscribers_closed"] == 1
+
+
+def test_a_subscriber_that_resets_with_events_buffered_is_reported_with_what_it_missed(
+    short_dir: Path, running: Any, connect: Any
+) -> None:
+    path = short_dir / "events.sock"
+    reports: list[tuple[str, int, int]] = []
+    hub, emitter, _ = running(path, on_subscriber_closed=lambda *a: reports.append(a),
+                              subscriber_buffer_bytes=1 << 20)  # fmt: skip
+    sub = connect(path, rcvbuf=4096)
+    sub.read_until(lambda events: len(events) >= 1)
+    for n in range(2000):
+        emitter.emit(HTTP, {"n": n, "pad": "x" * 200})
+    wait_for(lambda: hub.stats()["produced"] == 2000)
+    sub.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sub.close()
+    wait_for(lambda: len(reports) == 1)
+    reason, undelivered, undelivered_bytes = reports[0]
+    assert reason in {"Connection reset by peer", "closed", "Broken pipe"}
+    assert undelivered > 0 and undelivered_bytes > 0
+    assert hub.stats()["subscribers"] == 0
+
+
+def test_a_finished_source_is_drained_then_forgotten(short_dir: Path, running: Any) -> None:
+    hub, _, _ = running(short_dir / "events.sock")
+
+    class Finished(EventQueue):
+        finished = False
+
+    done = Finished()
+    EventEmitter(1, done).emit(HTTP, {"n": 1})
+    hub.add_source(done)
+    wait_for(lambda: hub.stats()["produced"] == 1)
+    assert hub.stats()["sources"] == 2
+    done.finished = True
+    wait_for(lambda: hub.stats()["sources"] == 1)
 
 
 def test_subscribers_beyond_the_limit_are_refused(
