@@ -85,7 +85,10 @@ def test_curl_http2_multiplexed_requests_each_give_an_http_event_with_its_stream
     assert by_path["/trailers"]["response_body_bytes"] == len("hello from /trailers\n")
     close = gateway.wait_match("conn_close", lambda e: e["conn"] == http[0]["conn"])[0]
     assert close["alpn"] == "h2" and close["requests"] == 4
-    assert close["close_reason"] in ("client-closed", "upstream-closed")
+    # curl closes its socket as soon as it has its four answers; frames still in flight to it
+    # (the server's GOAWAY, or our close_notify) make its kernel answer with a reset. Any of
+    # these is a normal end; a protocol error or an inspector failure is not.
+    assert close["close_reason"] in ("client-closed", "upstream-closed", "client-reset")
 
 
 def test_a_request_body_over_http2_is_counted(gateway: Gateway, h2_origin: H2Origin) -> None:
