@@ -382,7 +382,9 @@ def run(
         gw_pid = stack.enter_context(running(
             [sys.executable, "-m", "tlsgate", "run", "--state-dir", str(d / "state"), "--listen",
              f"127.0.0.1:{proxy_port}", "--upstream-ca-bundle", str(d / "ca.pem"),
-             "--workers", str(workers)],
+             "--workers", str(workers),
+             # the origin is on loopback, which a CONNECT may not reach by default
+             "--allow-destination", "127.0.0.0/8"],
             _gateway_ready(proxy_port, d / "state", workers), gw_cpus))  # fmt: skip
         stalled = None
         if stalled_subscriber:

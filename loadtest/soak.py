@@ -250,7 +250,9 @@ def run(
         gw_pid = stack.enter_context(running(
             [sys.executable, "-m", "tlsgate", "run", "--state-dir", str(state), "--listen",
              f"127.0.0.1:{proxy_port}", "--upstream-ca-bundle", str(d / "ca.pem"),
-             "--workers", str(workers), "--events-file", str(d / "events.msgpack")],
+             "--workers", str(workers), "--events-file", str(d / "events.msgpack"),
+             # the origin is on loopback, which a CONNECT may not reach by default
+             "--allow-destination", "127.0.0.0/8"],
             _gateway_ready(proxy_port, state, workers), None))  # fmt: skip
         print(f"soak: {minutes:g} min, gateway pid {gw_pid} with {workers} workers, {clients} "
               f"client threads; warm-up {warmup:.0f} s is not judged",

@@ -32,7 +32,8 @@ HEARTBEAT_TIMEOUT = 10.0
 DRAIN_GRACE = 5.0  # beyond the workers' own drain_timeout, then SIGKILL
 MAX_BACKOFF = 10.0
 STATS_FIELDS = ("beat", "accepted", "active", "closed", "refused", "protocol_errors",
-                "over_limit", "minted", "cert_lookups")  # fmt: skip
+                "over_limit", "minted", "cert_lookups", "access_refused",
+                "limit_hits")  # fmt: skip
 
 
 class BootFailure(OperatorError):

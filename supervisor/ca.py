@@ -13,7 +13,9 @@ Contract:
   renamed back to back; if a crash lands between the two renames, :func:`load_ca` reports
   that the key does not match the certificate.
 - An existing CA is never replaced unless the caller passes ``force=True``; a half CA (one
-  of the two files) is never silently completed or replaced.
+  of the two files) is never silently completed or replaced. When one is replaced, its
+  certificate bundle is kept as ``previous.pem`` (0644, written in the same atomic batch),
+  so that ``tlsgate ca export --all`` can hand clients both CAs during a rotation.
 - :func:`load_ca` refuses, with one :class:`~tlsgate.errors.CAError` line that says what to
   do, a CA that is missing or half there, stored with loose permissions, encrypted without
   (or with the wrong) passphrase, whose key does not match, that is expired or not yet
@@ -50,7 +52,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID, SignatureAlgorithmOID
 
 from tlsgate.errors import CAError
-from tlsgate.paths import ca_cert_path, ca_key_path
+from tlsgate.paths import ca_cert_path, ca_key_path, ca_previous_cert_path
 
 CAPrivateKey: TypeAlias = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 SignatureHash: TypeAlias = hashes.SHA256 | hashes.SHA384 | hashes.SHA512
@@ -379,6 +381,15 @@ def read_ca_certificates(state_dir: Path) -> tuple[x509.Certificate, ...]:
     return _parse_bundle(data, f"CA certificate {cert_path}", "restore it or re-create the CA")
 
 
+def read_previous_ca_certificate(state_dir: Path) -> x509.Certificate | None:
+    """The CA certificate that the current one replaced, if it was kept (``previous.pem``)."""
+    path = ca_previous_cert_path(state_dir)
+    if _stat_or_none(path) is None:
+        return None
+    data, _ = _read_bounded(path, "previous CA certificate")
+    return _parse_bundle(data, f"previous CA certificate {path}", f"remove {path}")[0]
+
+
 def describe_ca(state_dir: Path) -> CAInfo:
     """Facts about the stored CA, without the passphrase (the key is not decrypted)."""
     cert_path, key_path = ca_cert_path(state_dir), ca_key_path(state_dir)
@@ -463,8 +474,13 @@ def _store(
     )
     cert_pem = b"".join(cert.public_bytes(serialization.Encoding.PEM) for cert in bundle)
     key_path, cert_path = ca_key_path(state_dir), ca_cert_path(state_dir)
+    files = [(key_path, key_pem, KEY_MODE), (cert_path, cert_pem, CERT_MODE)]
+    if _stat_or_none(cert_path) is not None:
+        old, _ = _read_bounded(cert_path, "CA certificate")
+        if old != cert_pem:
+            files.append((ca_previous_cert_path(state_dir), old, CERT_MODE))
     try:
-        _write_files_atomically(((key_path, key_pem, KEY_MODE), (cert_path, cert_pem, CERT_MODE)))
+        _write_files_atomically(files)
     except OSError as err:
         raise CAError(
             f"cannot write the CA to {cert_path.parent}: {err.strerror or err}; "

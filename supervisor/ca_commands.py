@@ -27,6 +27,7 @@ import shlex
 import stat
 import sys
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final
 
@@ -47,6 +48,7 @@ from tlsgate.supervisor.ca import (
     import_ca,
     init_ca,
     read_ca_certificates,
+    read_previous_ca_certificate,
     write_file_atomically,
 )
 
@@ -107,6 +109,12 @@ def add_ca_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser
         description="Write the CA certificate (PEM, or DER with --der) to stdout or --out.",
     )
     export.add_argument("--der", action="store_true", help="DER instead of PEM")
+    export.add_argument(
+        "--all",
+        action="store_true",
+        help="PEM bundle of the current CA and the one it replaced (if still valid), for "
+        "clients during a CA rotation",
+    )
     export.add_argument("--out", metavar="FILE", help="write to FILE (mode 0644) instead")
     _add_state_dir(export)
     export.set_defaults(func=_cmd_export)
@@ -282,6 +290,12 @@ def _cmd_export(args: argparse.Namespace) -> int:
     cert = read_ca_certificates(state_dir)[0]
     encoding = serialization.Encoding.DER if args.der else serialization.Encoding.PEM
     data = cert.public_bytes(encoding)
+    if args.all:
+        if args.der:
+            raise ConfigError("--all writes a PEM bundle; it cannot be combined with --der")
+        previous = read_previous_ca_certificate(state_dir)
+        if previous is not None and previous.not_valid_after_utc > datetime.now(UTC):
+            data += previous.public_bytes(serialization.Encoding.PEM)
     if args.out is not None:
         out = Path(args.out)
         try:

@@ -61,13 +61,26 @@ File layout (every key optional)::
     ttl = 3600.0                      # seconds a learned name is spliced
     max_entries = 1024                # least recently used names are evicted beyond this
 
+    [access]
+    # clients served; absent: loopback plus the private networks (RFC 1918, 100.64.0.0/10,
+    # fc00::/7) the host's own interfaces are on (in transparent mode: intercept_from if set)
+    allow_clients = ["10.0.0.0/8"]
+    # CONNECT destinations otherwise refused (loopback, link-local/metadata, own addresses)
+    allow_destinations = []
+
     [limits]
     max_connections = 10000           # per worker
-    handshake_timeout = 10.0
+    max_connections_per_client = 256  # per worker and client address
+    handshake_timeout = 10.0          # accept to relay (upstream validated, leaf served)
+    header_timeout = 10.0             # CONNECT request / ClientHello, and each HTTP request head
     connect_timeout = 10.0
     idle_timeout = 300.0
     drain_timeout = 25.0
     upstream_sessions = 1024          # validated upstream TLS sessions kept per worker; 0 = off
+    max_request_line = 8192           # HTTP request line (method, target, version)
+    max_header_bytes = 65536          # one HTTP header section
+    max_header_count = 128            # header lines in one HTTP header section
+    socket_buffer = 0                 # bytes per socket and direction; 0: kernel autotuning
 
     steering = "auto"                 # or "ebpf" (required), "kernel" (never eBPF)
     steering_policy = "least-loaded"  # or "hash"
@@ -88,6 +101,7 @@ from typing import Any
 
 from tlsgate.errors import ConfigError
 from tlsgate.paths import resolve_state_dir
+from tlsgate.workers.access import LOOPBACK_NETWORKS, AccessPolicy, parse_networks
 from tlsgate.workers.http1 import DEFAULT_RECORD_HEADERS, DEFAULT_REDACT_HEADERS
 from tlsgate.workers.policy import Policy
 
@@ -101,13 +115,25 @@ class Limits:
     """Bounds that keep one worker alive under load and hostile peers."""
 
     max_connections: int = 10000
+    #: Open connections of one client address (per worker: each worker counts its own).
+    max_connections_per_client: int = 256
+    #: From accept until the relay runs (upstream connected and validated, client handshake).
     handshake_timeout: float = 10.0
+    #: For the CONNECT request, the ClientHello, and each HTTP request head in a tunnel
+    #: (slowloris: bytes trickling in slowly enough to dodge the idle timeout).
+    header_timeout: float = 10.0
     connect_timeout: float = 10.0
     idle_timeout: float = 300.0
     #: On SIGTERM or when a worker is replaced: how long in-flight connections may finish.
     drain_timeout: float = 25.0
     #: Validated upstream TLS sessions a worker keeps to resume (0 turns reuse off).
     upstream_sessions: int = 1024
+    max_request_line: int = 8192
+    max_header_bytes: int = 65536
+    max_header_count: int = 128
+    #: SO_RCVBUF/SO_SNDBUF of client and upstream sockets (0: the kernel's autotuning,
+    #: bounded by net.ipv4.tcp_rmem/tcp_wmem). Bounds the kernel memory of a connection.
+    socket_buffer: int = 0
 
 
 @dataclass(frozen=True)
@@ -161,6 +187,13 @@ class Config:
     record_headers: tuple[str, ...] = tuple(sorted(DEFAULT_RECORD_HEADERS))
     redact_headers: tuple[str, ...] = tuple(sorted(DEFAULT_REDACT_HEADERS))
     limits: Limits = Limits()
+    #: Clients served (CIDRs); None: the default computed at startup (see
+    #: :func:`~tlsgate.supervisor.interfaces.resolve_access`).
+    allow_clients: tuple[str, ...] | None = None
+    #: CONNECT destinations allowed although loopback, link-local or the gateway's own.
+    allow_destinations: tuple[str, ...] = ()
+    #: The host's own addresses (computed at startup, not configurable).
+    own_addresses: tuple[str, ...] = ()
     #: "auto": eBPF if possible, else the kernel's reuseport hash (one warning line);
     #: "ebpf": eBPF or refuse to start; "kernel": never load eBPF.
     steering: str = "auto"
@@ -183,6 +216,13 @@ class Config:
     #: downgrade and the connection is refused.
     starttls_required: tuple[str, ...] = ()
     learned_bypass: LearnedBypassSettings = LearnedBypassSettings()
+
+    def access(self) -> AccessPolicy:
+        return AccessPolicy.build(
+            self.allow_clients if self.allow_clients is not None else LOOPBACK_NETWORKS,
+            self.allow_destinations,
+            self.own_addresses,
+        )
 
     def policy(self) -> Policy:
         return Policy(
@@ -264,6 +304,7 @@ _TOP = {
     "listen", "mode", "workers", "state_dir", "upstream_ca_bundle", "ca_passphrase_file",
     "events", "policy", "http", "limits", "worker_user", "steering", "steering_policy",
     "intercept_ports", "intercept_from", "capture", "mail", "learned_bypass", "metrics",
+    "access",
 }  # fmt: skip
 _EVENTS = {
     "file", "subscriber_buffer", "group", "remote_listen", "remote_ca", "remote_cert",
@@ -277,7 +318,15 @@ _HTTP = {"record_headers", "redact_headers"}
 _LIMITS = {
     "max_connections", "handshake_timeout", "connect_timeout", "idle_timeout", "drain_timeout",
     "upstream_sessions",
+    "max_connections_per_client", "header_timeout", "max_request_line", "max_header_bytes",
+    "max_header_count", "socket_buffer",
 }  # fmt: skip
+_LIMIT_INTS = ("max_connections", "max_connections_per_client", "max_request_line",
+               "max_header_bytes", "max_header_count")  # fmt: skip
+_LIMIT_FLOATS = ("handshake_timeout", "header_timeout", "connect_timeout", "idle_timeout",
+                 "drain_timeout")  # fmt: skip
+#: Smallest socket_buffer accepted (the kernel doubles and floors what is set anyway).
+MIN_SOCKET_BUFFER = 4096
 STEERING = ("auto", "ebpf", "kernel")
 STEERING_POLICIES = ("least-loaded", "hash")
 
@@ -422,9 +471,10 @@ def build_config(data: Mapping[str, Any], where: str = "the configuration") -> C
     limits = _table(data, "limits", where)
     _reject_unknown(limits, _LIMITS, f"[limits] of {where}")
     lim: dict[str, Any] = {}
-    if "max_connections" in limits:
-        lim["max_connections"] = _positive(limits["max_connections"], "limits.max_connections", int)
-    for key in ("handshake_timeout", "connect_timeout", "idle_timeout", "drain_timeout"):
+    for key in _LIMIT_INTS:
+        if key in limits:
+            lim[key] = _positive(limits[key], f"limits.{key}", int)
+    for key in _LIMIT_FLOATS:
         if key in limits:
             lim[key] = _positive(limits[key], f"limits.{key}", float)
     if "upstream_sessions" in limits:
@@ -435,6 +485,28 @@ def build_config(data: Mapping[str, Any], where: str = "the configuration") -> C
                 f"session reuse off), got {value!r}"
             )
         lim["upstream_sessions"] = value
+    if "socket_buffer" in limits:
+        size = limits["socket_buffer"]
+        if size != 0:
+            size = _positive(size, "limits.socket_buffer", int)
+        if isinstance(size, bool) or not isinstance(size, int) or 0 < size < MIN_SOCKET_BUFFER:
+            raise ConfigError(
+                f"limits.socket_buffer = {size!r}: use 0 (kernel autotuning) or at least "
+                f"{MIN_SOCKET_BUFFER} bytes"
+            )
+        lim["socket_buffer"] = size
+    access = _table(data, "access", where)
+    _reject_unknown(access, {"allow_clients", "allow_destinations"}, f"[access] of {where}")
+    for key in ("allow_clients", "allow_destinations"):
+        if key in access:
+            nets = _str_list(access[key], f"access.{key}")
+            parse_networks(nets, f"access.{key}")
+            if key == "allow_clients" and not nets:
+                raise ConfigError(
+                    "access.allow_clients is empty: it would refuse every client; list the "
+                    "client networks (or leave it out for the default)"
+                )
+            kw[key] = nets
     if lim:
         kw["limits"] = replace(Limits(), **lim)
     config = Config(**kw)

@@ -33,6 +33,7 @@ from tlsgate.supervisor.ca import ensure_ca
 from tlsgate.supervisor.config import Config
 from tlsgate.supervisor.control import ControlServer
 from tlsgate.supervisor.eventhub import EventHub
+from tlsgate.supervisor.interfaces import access_summary, resolve_access
 from tlsgate.supervisor.listeners import banner, make_listener
 from tlsgate.supervisor.signer import LeafSigner, generate_leaf_key
 from tlsgate.workers.certs import chain_to_send
@@ -100,7 +101,7 @@ class Supervisor:
         from tlsgate.workers.bypass import LearnedBypass
         from tlsgate.workers.certcache import SharedCertificateCache
 
-        config = self.config
+        config = self.config = resolve_access(self.config)
         self._load_ca()  # first: it creates the state directory 0700 on first run
         # management listeners' certificates are checked before anything starts
         remote = self._remote_listener()
@@ -161,6 +162,7 @@ class Supervisor:
             self.arbiter.install_signals()
             first = self.arbiter.slots[0].listener
             banner(config, first.getsockname(), self.ca, self.ca_created, self.out)
+            self.log(access_summary(config))
             if self.steering_state["reason"]:
                 self.log(self.steering_state["reason"])
             self._announce_management()
@@ -393,7 +395,7 @@ class Supervisor:
     def _reload(self) -> None:
         """New configuration and CA; the arbiter then replaces the workers one at a time."""
         if self._reload_config is not None:
-            new = self._reload_config()  # a bad file raises: the running workers stay
+            new = resolve_access(self._reload_config())  # a bad file raises: workers stay
             fixed = ("listen", "mode", "workers", "state_dir", "steering", "steering_policy",
                      "events_remote_listen", "events_remote_ca", "events_remote_cert",
                      "events_remote_key", "metrics_listen", "metrics_mtls")  # fmt: skip
@@ -459,6 +461,8 @@ class Supervisor:
                 "closed": int(stats["closed"]), "refused": int(stats["refused"]),
                 "minted": int(stats["minted"]), "restarts": slot.restarts,
                 "cert_lookups": int(stats["cert_lookups"]),
+                "access_refused": int(stats["access_refused"]),
+                "limit_hits": int(stats["limit_hits"]),
                 "steered": counters["selected"][slot.index] if counters else None,
                 "heartbeat_age": round(time.monotonic() - stats["beat"], 3),
             })  # fmt: skip
@@ -503,6 +507,11 @@ def prometheus_text(status: dict[str, Any]) -> str:
            [(lbl, w["accepted"]) for lbl, w in per_worker])  # fmt: skip
     metric("upstream_refused_total", "counter", "Upstreams refused by validation.",
            [(lbl, w["refused"]) for lbl, w in per_worker])  # fmt: skip
+    metric("access_refused_total", "counter",
+           "Clients refused by the allow-list, and CONNECTs to forbidden destinations.",
+           [(lbl, w["access_refused"]) for lbl, w in per_worker])  # fmt: skip
+    metric("limit_hits_total", "counter", "Connections that ran into a [limits] bound.",
+           [(lbl, w["limit_hits"]) for lbl, w in per_worker])  # fmt: skip
     metric("certificates_minted_total", "counter", "Leaf certificates minted.",
            [(lbl, w["minted"]) for lbl, w in per_worker])  # fmt: skip
     metric("worker_restarts_total", "counter", "Worker restarts.",

@@ -60,6 +60,7 @@ class Gateway:
         listen: str = "127.0.0.1:0",
         netns: str | None = None,
         env: dict[str, str] | None = None,
+        loopback_origins: bool = True,
     ) -> None:
         self.state_dir = state_dir
         self.extra_env = env or {}
@@ -68,6 +69,9 @@ class Gateway:
                 "--listen", listen, "--events-file", str(self.events_file), *args]  # fmt: skip
         if upstream_ca is not None:
             argv += ["--upstream-ca-bundle", str(upstream_ca)]
+        if loopback_origins:
+            # test origins listen on loopback, which a CONNECT may not reach by default
+            argv += ["--allow-destination", "127.0.0.0/8", "--allow-destination", "::1/128"]
         if netns is not None:
             argv = ["ip", "netns", "exec", netns, *argv]
         self.argv = argv

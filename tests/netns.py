@@ -10,6 +10,12 @@ import pytest
 
 from tlsgate.loadtest.topology import Topology, netns_available
 
+#: The test networks (198.18.0.0/15) are not private ranges, so a gateway's default
+#: allow-list (loopback plus the private networks of its interfaces) refuses their clients:
+#: tests whose clients connect from another namespace pass this, as an operator would.
+ALLOW_TEST_CLIENTS = ("--allow-client", "198.18.0.0/15")
+
+
 __all__ = ["Topology", "netns_available", "requires_netns"]
 
 requires_netns = pytest.mark.skipif(

@@ -47,6 +47,10 @@ def _run(args: argparse.Namespace) -> int:
         overrides["policy.bypass_domains"] = args.bypass
     if args.block:
         overrides["policy.block_domains"] = args.block
+    if args.allow_client:
+        overrides["access.allow_clients"] = args.allow_client
+    if args.allow_destination:
+        overrides["access.allow_destinations"] = args.allow_destination
     config_path = Path(args.config) if args.config else None
     config = load_config(config_path, overrides)
     passphrase = passphrase_from_args(args, "ca-passphrase")
@@ -64,6 +68,7 @@ def _run(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from tlsgate.supervisor.ca_commands import add_ca_parser, add_passphrase_options
     from tlsgate.supervisor.control_commands import add_control_parsers
+    from tlsgate.supervisor.doctor import add_doctor_parser
     from tlsgate.supervisor.events_ca_commands import add_events_ca_parser
     from tlsgate.supervisor.events_commands import add_events_parser
 
@@ -156,6 +161,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="splice names whose clients keep rejecting our certificate (pinning, client "
         "certificates) for a while; see [learned_bypass] in the config",
     )
+    run.add_argument(
+        "--allow-client",
+        action="append",
+        metavar="CIDR",
+        help="serve only clients from these networks (repeatable; default: loopback plus the "
+        "private networks of this host's interfaces); others are refused at accept",
+    )
+    run.add_argument(
+        "--allow-destination",
+        action="append",
+        metavar="CIDR",
+        help="let CONNECT reach these networks although they are loopback, link-local "
+        "(cloud metadata) or this host's own addresses (repeatable; refused by default)",
+    )
     add_passphrase_options(run, "ca-passphrase", "passphrase of an encrypted CA key")
     run.set_defaults(func=_run)
 
@@ -170,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_events_parser(sub)
     add_events_ca_parser(sub)
     add_control_parsers(sub)
+    add_doctor_parser(sub)
     return parser
 
 

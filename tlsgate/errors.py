@@ -47,6 +47,15 @@ class HttpProtocolError(RemoteProtocolError):
     """HTTP/1.1 bytes inside an intercepted connection could not be parsed."""
 
 
+class HttpLimitExceeded(HttpProtocolError):
+    """A peer's HTTP message went beyond a configured bound (``limit`` names the setting)."""
+
+    def __init__(self, message: str, limit: str) -> None:
+        super().__init__(message)
+        #: the ``[limits]`` setting that was exceeded, e.g. ``"max_header_count"``
+        self.limit = limit
+
+
 class UpstreamRefused(TlsgateError):
     """The upstream server failed validation; the client must be refused.
 

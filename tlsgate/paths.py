@@ -45,6 +45,12 @@ def ca_key_path(state_dir: Path) -> Path:
     return state_dir / "ca" / "key.pem"
 
 
+def ca_previous_cert_path(state_dir: Path) -> Path:
+    """The CA certificate replaced by the last ``ca init/import --force`` (for clients that
+    must trust both during a rotation)."""
+    return state_dir / "ca" / "previous.pem"
+
+
 def events_socket_path(state_dir: Path) -> Path:
     return runtime_dir(state_dir) / "events.sock"
 

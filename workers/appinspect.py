@@ -20,7 +20,7 @@ fields the worker adds).
 from __future__ import annotations
 
 from collections.abc import Collection
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from tlsgate.errors import HttpProtocolError, RemoteProtocolError
 from tlsgate.workers import events as ev
@@ -35,6 +35,9 @@ from tlsgate.workers.websocket import (
     message_fields,
     opened_fields,
 )
+
+if TYPE_CHECKING:
+    from tlsgate.supervisor.config import Limits
 
 __all__ = [
     "Http1Session",
@@ -70,10 +73,23 @@ class Http1Session:
         record_headers: Collection[str],
         redact_headers: Collection[str],
         ws_payload_cap: int | None,
+        limits: Limits | None = None,
     ) -> None:
-        self._http = Http1Inspector(record_headers=record_headers, redact_headers=redact_headers)
+        bounds: dict[str, int] = {}
+        if limits is not None:
+            bounds = {"max_header_bytes": limits.max_header_bytes,
+                      "max_request_line": limits.max_request_line,
+                      "max_header_count": limits.max_header_count}  # fmt: skip
+        self._http = Http1Inspector(
+            record_headers=record_headers, redact_headers=redact_headers, **bounds
+        )
         self._payload_cap = ws_payload_cap
         self._ws: WebSocketInspector | None = None
+
+    @property
+    def request_head_id(self) -> int | None:
+        """While the client sends an HTTP request head: its id (for the header timeout)."""
+        return self._http.request_head_id if self._ws is None else None
 
     @property
     def opaque(self) -> bool:
@@ -116,14 +132,17 @@ def new_inspector(
     record_headers: Collection[str],
     redact_headers: Collection[str],
     ws_payload_cap: int | None,
+    limits: Limits | None = None,
 ) -> Http1Session | Http2Inspector | None:
-    """The inspector for a connection that negotiated ``alpn`` (None: no ALPN)."""
+    """The inspector for a connection that negotiated ``alpn`` (None: no ALPN); ``limits``
+    (the ``[limits]`` of the config) bound header sections, else the inspectors' defaults."""
     if alpn == b"h2":
+        h2_bounds = {"max_header_bytes": limits.max_header_bytes} if limits is not None else {}
         return Http2Inspector(record_headers=record_headers, redact_headers=redact_headers,
-                              ws_payload_cap=ws_payload_cap)  # fmt: skip
+                              ws_payload_cap=ws_payload_cap, **h2_bounds)  # fmt: skip
     if alpn in (None, b"http/1.1"):
         return Http1Session(record_headers=record_headers, redact_headers=redact_headers,
-                            ws_payload_cap=ws_payload_cap)  # fmt: skip
+                            ws_payload_cap=ws_payload_cap, limits=limits)  # fmt: skip
     return None
 
 

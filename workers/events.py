@@ -56,6 +56,8 @@ POP3: Final = "pop3"
 BYPASS_LEARNED: Final = "bypass_learned"
 BYPASS_EXPIRED: Final = "bypass_expired"
 WEBSOCKET: Final = "websocket"
+ACCESS_REFUSED: Final = "access_refused"
+LIMIT: Final = "limit"
 WORKER_EXIT: Final = "worker_exit"
 SUBSCRIBER_CLOSED: Final = "subscriber_closed"
 SIGNER_RESTART: Final = "signer_restart"
@@ -78,6 +80,8 @@ EVENT_TYPES: Final = (
     BYPASS_LEARNED,
     BYPASS_EXPIRED,
     WEBSOCKET,
+    ACCESS_REFUSED,
+    LIMIT,
     WORKER_EXIT,
     SUBSCRIBER_CLOSED,
     SIGNER_RESTART,

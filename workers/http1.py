@@ -45,7 +45,10 @@ know on its own, and the limits):
   response while no request is outstanding.
 - Bounded memory: a header section (start line and header lines, counted as
   ``name: value CRLF``; the trailers of a chunked body are a section of their own) may not
-  exceed ``max_header_bytes``. A section spanning several feeds is also capped by the bytes fed
+  exceed ``max_header_bytes`` nor hold more than ``max_header_count`` header lines, and a
+  request line (method, target, version) may not exceed ``max_request_line``; each of these
+  raises :class:`~tlsgate.errors.HttpLimitExceeded` naming the setting. Bodies are counted,
+  never kept. A section spanning several feeds is also capped by the bytes fed
   while inside it, so one endless header line is cut off while it streams in. At most
   ``max_pending`` exchanges may be unfinished (pipelined requests waiting for responses).
 - Header names are recorded lower-cased, values decoded as ISO-8859-1 (lossless for any byte);
@@ -67,15 +70,17 @@ from httptools import (
     HttpResponseParser,
 )
 
-from tlsgate.errors import ConfigError, HttpProtocolError
+from tlsgate.errors import ConfigError, HttpLimitExceeded, HttpProtocolError
 
 __all__ = [
     "DEFAULT_RECORD_HEADERS",
     "DEFAULT_REDACT_HEADERS",
     "HTTP_METHODS",
     "MAX_HEADER_BYTES",
+    "MAX_HEADER_COUNT",
     "MAX_NAME_CACHE",
     "MAX_PENDING",
+    "MAX_REQUEST_LINE",
     "REDACTED",
     "Http1Inspector",
     "HttpExchange",
@@ -113,6 +118,10 @@ REDACTED = "[redacted]"
 
 #: Default cap on one header section (start line plus header lines), in bytes.
 MAX_HEADER_BYTES = 65536
+#: Default cap on a request line (method, target and version), in bytes.
+MAX_REQUEST_LINE = 8192
+#: Default cap on the header lines of one header section.
+MAX_HEADER_COUNT = 128
 #: Default cap on unfinished exchanges (pipelined requests waiting for their responses).
 MAX_PENDING = 64
 #: Raw header-name spellings remembered per configuration (saves lower-casing each header).
@@ -344,11 +353,14 @@ class Http1Inspector:
         "_held",
         "_lower_of",
         "_max_header_bytes",
+        "_max_header_count",
         "_max_pending",
+        "_max_request_line",
         "_opaque",
         "_out",
         "_req_count",
         "_req_cur",
+        "_req_headers",
         "_req_parser",
         "_req_phase",
         "_req_prev",
@@ -362,6 +374,7 @@ class Http1Inspector:
         "_resp_cur",
         "_resp_eof_body",
         "_resp_framed",
+        "_resp_headers",
         "_resp_heads",
         "_resp_parser",
         "_resp_phase",
@@ -382,9 +395,14 @@ class Http1Inspector:
         redact_headers: Collection[str] = DEFAULT_REDACT_HEADERS,
         max_header_bytes: int = MAX_HEADER_BYTES,
         max_pending: int = MAX_PENDING,
+        max_request_line: int = MAX_REQUEST_LINE,
+        max_header_count: int = MAX_HEADER_COUNT,
     ) -> None:
-        if max_header_bytes < 1:
-            raise ConfigError(f"max_header_bytes must be at least 1, not {max_header_bytes}")
+        for setting, value in (("max_header_bytes", max_header_bytes),
+                               ("max_request_line", max_request_line),
+                               ("max_header_count", max_header_count)):  # fmt: skip
+            if value < 1:
+                raise ConfigError(f"{setting} must be at least 1, not {value}")
         if max_pending < 1:
             raise ConfigError(f"max_pending must be at least 1, not {max_pending}")
         record = (
@@ -400,6 +418,8 @@ class Http1Inspector:
         self._bits_of, self._lower_of = _name_tables(record, redact)
         self._max_header_bytes = max_header_bytes
         self._max_pending = max_pending
+        self._max_request_line = max_request_line
+        self._max_header_count = max_header_count
         self._error: HttpProtocolError | None = None
         self._closed = False
         self._opaque = False
@@ -437,6 +457,7 @@ class Http1Inspector:
         self._req_resp_done = False
         self._req_phase = _IDLE
         self._req_count = 0
+        self._req_headers = 0
         self._req_sections = 0
         self._req_streamed = 0
         self._req_upgrade: str | None = None
@@ -455,6 +476,7 @@ class Http1Inspector:
         self._resp_cur: HttpExchange | None = None
         self._resp_phase = _IDLE
         self._resp_count = 0
+        self._resp_headers = 0
         self._resp_sections = 0
         self._resp_streamed = 0
         self._resp_heads = 0
@@ -467,6 +489,12 @@ class Http1Inspector:
         self._hd_bytes = 0
         self._hd_tail = b""
         self._hd_msg_done = False
+
+    @property
+    def request_head_id(self) -> int | None:
+        """While the client is inside a request head (request line and headers): a number
+        that identifies that head; None otherwise. For the caller's header timeout."""
+        return self._req_sections if self._req_phase == _HEAD else None
 
     @property
     def opaque(self) -> bool:
@@ -576,10 +604,18 @@ class Http1Inspector:
             f"{what} is not valid HTTP/1.1 ({reason}); inspection of this connection stops"
         )
 
-    def _too_big(self, side: str) -> HttpProtocolError:
-        return HttpProtocolError(
+    def _too_big(self, side: str) -> HttpLimitExceeded:
+        return HttpLimitExceeded(
             f"{side} header section exceeds {self._max_header_bytes} bytes "
-            "(max_header_bytes); refusing to buffer more of it"
+            "(max_header_bytes); refusing to buffer more of it",
+            "max_header_bytes",
+        )
+
+    def _too_many(self, side: str) -> HttpLimitExceeded:
+        return HttpLimitExceeded(
+            f"{side} header section has more than {self._max_header_count} header lines "
+            "(max_header_count)",
+            "max_header_count",
         )
 
     # ------------------------------------------------------------------ requests
@@ -624,6 +660,7 @@ class Http1Inspector:
         self._awaiting.append(ex)
         self._req_phase = _HEAD
         self._req_count = _REQUEST_LINE_EXTRA + _SECTION_END
+        self._req_headers = 0
         self._req_sections += 1
         self._req_streamed = 0
         self._req_upgrade = None
@@ -644,12 +681,20 @@ class Http1Inspector:
                 self._specials += 1
             self._req_count += len(raw)
         self._req_count += len(url)
+        if self._req_count - _SECTION_END > self._max_request_line:
+            raise HttpLimitExceeded(
+                f"request line exceeds {self._max_request_line} bytes (max_request_line)",
+                "max_request_line",
+            )
         ex.path += url.decode("latin-1")
 
     def _req_on_header(self, name: bytes, value: bytes) -> None:
         count = self._req_count = self._req_count + len(name) + len(value) + _HEADER_LINE_EXTRA
         if count > self._max_header_bytes:
             raise self._too_big("request")
+        self._req_headers += 1
+        if self._req_headers > self._max_header_count:
+            raise self._too_many("request")
         bits = self._bits_of.get(name)
         if bits is None:
             bits = self._learn_name(name)
@@ -702,6 +747,7 @@ class Http1Inspector:
     def _req_on_chunk_header(self) -> None:
         self._req_phase = _CHUNK_START
         self._req_count = _SECTION_END
+        self._req_headers = 0
         self._req_sections += 1
         self._req_streamed = 0
 
@@ -865,6 +911,7 @@ class Http1Inspector:
             self._resp_cur = self._awaiting.popleft()
         self._resp_phase = _HEAD
         self._resp_count = _STATUS_LINE_EXTRA + _SECTION_END
+        self._resp_headers = 0
         self._resp_sections += 1
         self._resp_streamed = 0
         self._resp_upgrade = None
@@ -877,6 +924,9 @@ class Http1Inspector:
         count = self._resp_count = self._resp_count + len(name) + len(value) + _HEADER_LINE_EXTRA
         if count > self._max_header_bytes:
             raise self._too_big("response")
+        self._resp_headers += 1
+        if self._resp_headers > self._max_header_count:
+            raise self._too_many("response")
         bits = self._bits_of.get(name)
         if bits is None:
             bits = self._learn_name(name)
@@ -930,6 +980,7 @@ class Http1Inspector:
     def _resp_on_chunk_header(self) -> None:
         self._resp_phase = _CHUNK_START
         self._resp_count = _SECTION_END
+        self._resp_headers = 0
         self._resp_sections += 1
         self._resp_streamed = 0
 

@@ -22,11 +22,12 @@ Every step is bounded by the handshake timeout; every ending emits ``conn_close`
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -35,6 +36,7 @@ from OpenSSL import SSL
 from tlsgate.errors import (
     ClientHelloError,
     ConnectRequestError,
+    HttpLimitExceeded,
     RemoteProtocolError,
     UpstreamRefused,
 )
@@ -52,6 +54,7 @@ from tlsgate.workers.certs import ClientSideState
 from tlsgate.workers.clienthello import ClientHello, client_hello_end, parse_client_hello
 from tlsgate.workers.connect import connect_established, connect_refusal, parse_connect
 from tlsgate.workers.http1 import looks_like_http_request
+from tlsgate.workers.limits import set_socket_buffers
 from tlsgate.workers.mail import MailDialogue, MailProtocolError, Protocol, new_dialogue
 from tlsgate.workers.origdst import original_destination
 from tlsgate.workers.pcap import FlowSynthesizer
@@ -147,6 +150,8 @@ class Interception:
     _tunnel_open: bool = False
     _opened: bool = False
     _hello_len: int = 0
+    #: (request head id, first seen) for the header timeout inside the tunnel
+    _head: tuple[int, float] | None = None
 
     # -- entry point ------------------------------------------------------------------
     async def run(self) -> None:
@@ -235,6 +240,10 @@ class Interception:
         return await self._intercept()
 
     async def _read_connect(self) -> Any:
+        async with self._header_deadline():
+            return await self._read_connect_request()
+
+    async def _read_connect_request(self) -> Any:
         loop = self.worker.loop
         while True:
             data = await self._peek()
@@ -249,6 +258,34 @@ class Interception:
             await self._wait_more(len(data) + 1)
 
     async def _read_client_hello(self) -> ClientHello:
+        async with self._header_deadline():
+            return await self._read_client_hello_bytes()
+
+    @contextlib.asynccontextmanager
+    async def _header_deadline(self) -> AsyncIterator[None]:
+        """``limits.header_timeout`` for bytes the client must send before any TLS work."""
+        try:
+            async with asyncio.timeout(self.worker.config.limits.header_timeout):
+                yield
+        except TimeoutError:
+            self.worker.limit_hit("header_timeout", self)
+            self._alert_if_possible(ALERT_HANDSHAKE_FAILURE)
+            raise Refusal("header-timeout") from None
+
+    def request_head_overdue(self, now: float, timeout: float) -> bool:
+        """Has the client been sending one HTTP request head for longer than ``timeout``?
+        (Sampled by the worker's sweep; ``now`` is loop time.)"""
+        inspector = getattr(self, "_inspector", None)
+        head = getattr(inspector, "request_head_id", None)
+        if head is None:
+            self._head = None
+            return False
+        if self._head is None or self._head[0] != head:
+            self._head = (head, now)
+            return False
+        return now - self._head[1] > timeout
+
+    async def _read_client_hello_bytes(self) -> ClientHello:
         while True:
             data = await self._peek()
             end = client_hello_end(data)
@@ -493,11 +530,14 @@ class Interception:
             infos = await w.resolver.resolve(host, port)
         except socket.gaierror as exc:
             raise UpstreamRefused("dns-failure", f"cannot resolve {host}: {exc.strerror}") from None
+        if w.config.mode == "explicit":
+            await self._check_destination(host, [str(info[4][0]) for info in infos])
         last: OSError | None = None
         for family, type_, proto, _, addr in infos:
             sock = socket.socket(family, type_, proto)
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            set_socket_buffers(sock, w.config.limits.socket_buffer)
             try:
                 async with asyncio.timeout(w.config.limits.connect_timeout):
                     await loop.sock_connect(sock, addr)
@@ -513,6 +553,28 @@ class Interception:
             return sock
         text = (last.strerror or str(last)) if last else "no address"
         raise UpstreamRefused("connect-failed", f"cannot connect to {host}:{port}: {text}")
+
+    async def _check_destination(self, host: str, addresses: list[str]) -> None:
+        """A CONNECT may not reach the gateway itself, link-local or metadata addresses:
+        if any address ``host`` resolved to is forbidden, refuse (403) with a policy event."""
+        w = self.worker
+        for ip in addresses:
+            why = w.access.destination_refusal(ip)
+            if why is None:
+                continue
+            reason = f"destination-forbidden: {host} is {ip} ({why})"
+            w.stats.access_refused += 1
+            self._decided(Decision.BLOCK, reason)
+            w.emit(ev.POLICY, {"conn": self.conn_id, "decision": Decision.BLOCK.value,
+                               "reason": reason, "name": host,
+                               "client_ip": self.client_addr[0]})  # fmt: skip
+            if not self._tunnel_open:
+                await self._send_all(
+                    connect_refusal(403, f"{reason}; allow it with [access] "
+                                    "allow_destinations"), ignore_errors=True)  # fmt: skip
+            else:
+                self._alert_if_possible(ALERT_ACCESS_DENIED)
+            raise Refusal("destination-forbidden")
 
     async def _open_upstream(
         self, host: str, port: int, name: str, alpn: tuple[bytes, ...]
@@ -648,6 +710,7 @@ class Interception:
         inspector = new_inspector(
             alpn, record_headers=w.config.record_headers, redact_headers=w.config.redact_headers,
             ws_payload_cap=DEFAULT_PAYLOAD_CAP if w.capture is not None else None,
+            limits=w.config.limits,
         )  # fmt: skip
         if inspector is None:
             self.app_protocol = "opaque"
@@ -661,6 +724,8 @@ class Interception:
             try:
                 self._report(method(data))
             except RemoteProtocolError as exc:
+                if isinstance(exc, HttpLimitExceeded):
+                    self.worker.limit_hit(exc.limit, self)
                 self._protocol_error(exc, stage=error_stage(exc))
                 raise EndpointError("protocol-error") from None
 

@@ -174,7 +174,8 @@ async def _heartbeat(spec: WorkerSpec, worker: object) -> None:
         st = worker.stats
         values = (time.monotonic(), st.accepted, st.active, st.closed, st.refused,
                   st.protocol_errors, st.over_limit, worker.client_contexts.minted,
-                  worker.client_contexts.lookups)  # fmt: skip
+                  worker.client_contexts.lookups, st.access_refused,
+                  st.limit_hits)  # fmt: skip
         for i, v in enumerate(values):
             out[i] = float(v)  # type: ignore[index]
         await asyncio.sleep(HEARTBEAT_INTERVAL)

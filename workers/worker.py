@@ -6,9 +6,14 @@ Rules:
   and signer are interfaces the supervisor can back with shared ones; its events carry
   its worker id and a per-worker sequence number.
 - This loop is the one place that touches sockets. Parsers and inspectors are sans-I/O.
-- Bounded: at most ``limits.max_connections`` open interceptions (further clients are
-  closed at accept and counted); idle relays are ended by a once-a-second sweep rather
-  than a timer per read.
+- Access first: a client outside the allow-list is closed right after ``accept()``, before
+  a byte is read; refusals are counted per source and reported once per sweep
+  (``access_refused``), never one event per connection.
+- Bounded: at most ``limits.max_connections`` open interceptions, and
+  ``limits.max_connections_per_client`` per client address (further clients are closed at
+  accept, counted, and reported per sweep in ``limit`` events); idle relays and HTTP request
+  heads that trickle in slower than ``limits.header_timeout`` are ended by a once-a-second
+  sweep rather than a timer per read.
 - Nothing here blocks: events go to a bounded queue; DNS runs in the loop's executor.
 """
 
@@ -22,9 +27,11 @@ from typing import Any
 
 from tlsgate.supervisor.config import Config
 from tlsgate.workers import events as ev
+from tlsgate.workers.access import SourceTally
 from tlsgate.workers.bypass import Entry, LearnedBypass
 from tlsgate.workers.certs import ClientContexts
 from tlsgate.workers.intercept import Interception
+from tlsgate.workers.limits import set_socket_buffers
 from tlsgate.workers.policy import Policy
 from tlsgate.workers.resolver import Resolver
 from tlsgate.workers.starttls import MailPorts
@@ -42,6 +49,10 @@ class WorkerStats:
     active: int = 0
     closed: int = 0
     over_limit: int = 0
+    #: clients refused by the allow-list at accept
+    access_refused: int = 0
+    #: every limit hit (connection limits, timeouts, header sizes)
+    limit_hits: int = 0
     refused: int = 0
     protocol_errors: int = 0
     started: float = field(default_factory=time.time)
@@ -69,6 +80,12 @@ class Worker:
         self.client_contexts = client_contexts
         self.emitter = emitter
         self.policy = policy if policy is not None else config.policy()
+        self.access = config.access()
+        self.refused_sources = SourceTally()
+        #: accept-time limit hits since the last sweep, per limit name
+        self.limit_sources: dict[str, SourceTally] = {}
+        #: open connections per client address
+        self.per_client: dict[str, int] = {}
         self.stats = WorkerStats()
         self.resolver = Resolver()
         self.mail_ports = MailPorts.build(config.smtp_ports, config.imap_ports,
@@ -125,7 +142,7 @@ class Worker:
         return cut
 
     def _on_accept(self) -> None:
-        limit = self.config.limits.max_connections
+        limits = self.config.limits
         for _ in range(ACCEPT_BATCH):
             try:
                 sock, addr = self.listener.accept()
@@ -134,32 +151,82 @@ class Worker:
             except OSError:
                 # EMFILE/ENFILE/ECONNABORTED: the listener stays; the client retries
                 return
-            if self.stats.active >= limit:
+            client = (_unmap(addr[0]), addr[1])
+            ip = client[0]
+            if not self.access.client_allowed(ip):
+                # before any read or TLS work: the client learns nothing but a closed socket
+                self.stats.access_refused += 1
+                self.refused_sources.add(ip)
+                sock.close()
+                continue
+            if self.stats.active >= limits.max_connections:
                 self.stats.over_limit += 1
+                self._accept_limit_hit("max_connections", ip)
+                sock.close()
+                continue
+            if self.per_client.get(ip, 0) >= limits.max_connections_per_client:
+                self._accept_limit_hit("max_connections_per_client", ip)
                 sock.close()
                 continue
             try:
                 sock.setblocking(False)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                set_socket_buffers(sock, limits.socket_buffer)
             except OSError:
                 sock.close()  # reset between accept and here: nothing to serve
                 continue
             self.stats.accepted += 1
             self.stats.active += 1
+            self.per_client[ip] = self.per_client.get(ip, 0) + 1
             if self.load_publisher is not None:
                 self.load_publisher.publish(self.stats.active)
             conn_id = f"{self.worker_id}-{self._next_conn}"
             self._next_conn += 1
-            client = (_unmap(addr[0]), addr[1])
             interception = Interception(self, sock, client, conn_id)
             self.active.add(interception)
             task = self.loop.create_task(interception.run())
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
+    def _accept_limit_hit(self, limit: str, ip: str) -> None:
+        self.stats.limit_hits += 1
+        self.limit_sources.setdefault(limit, SourceTally()).add(ip)
+
+    def limit_hit(self, limit: str, interception: Interception) -> None:
+        """A connection ran into ``limit`` (a timeout or size): count it, report it now (one
+        event per connection, which was accepted and is ended by this hit)."""
+        self.stats.limit_hits += 1
+        self.emit(ev.LIMIT, {
+            "limit": limit, "value": getattr(self.config.limits, limit),
+            "client_ip": interception.client_addr[0], "conn": interception.conn_id,
+            "count": 1, "sources": [],
+        })  # fmt: skip
+
+    def _report_refusals(self) -> None:
+        """Refusals at accept, aggregated per source since the last sweep."""
+        report = self.refused_sources.take()
+        if report is not None:
+            self.emit(ev.ACCESS_REFUSED, report)
+        for limit, tally in self.limit_sources.items():
+            hits = tally.take()
+            if hits is None:
+                continue
+            sources: Any = hits["sources"]
+            self.emit(ev.LIMIT, {
+                "limit": limit, "value": getattr(self.config.limits, limit),
+                "client_ip": sources[0]["client_ip"] if sources else None, "conn": None,
+                "count": hits["refused"], "sources": sources,
+            })  # fmt: skip
+
     def connection_closed(self, interception: Interception) -> None:
         if interception in self.active:
             self.active.discard(interception)
+            ip = interception.client_addr[0]
+            left = self.per_client.get(ip, 1) - 1
+            if left > 0:
+                self.per_client[ip] = left
+            else:
+                self.per_client.pop(ip, None)
             self.stats.active -= 1
             self.stats.closed += 1
             if self.load_publisher is not None:
@@ -167,17 +234,24 @@ class Worker:
 
     async def _sweep(self) -> None:
         idle = self.config.limits.idle_timeout
+        header_timeout = self.config.limits.header_timeout
         while True:
             await asyncio.sleep(SWEEP_INTERVAL)
             # drops at the end of a burst are reported now, not at the next event
             self.emitter.flush_gap()
             self._report_capture_drops()
+            self._report_refusals()
             self._expire_learned()
             now = self.loop.time()
             for interception in list(self.active):
                 relay = interception.relay
-                if relay is not None and now - relay.last_activity > idle:
+                if relay is None:
+                    continue
+                if now - relay.last_activity > idle:
                     relay.stop("idle-timeout")
+                elif interception.request_head_overdue(now, header_timeout):
+                    self.limit_hit("header_timeout", interception)
+                    relay.stop("header-timeout")
 
     def learned_lookup(self, name: str | None) -> Entry | None:
         """A live learned-bypass entry for ``name`` (expiry reported by whoever sees it)."""

@@ -167,7 +167,7 @@ def test_unusual_header_name_spellings_are_recognised_and_the_spelling_cache_is_
     assert exchange.user_agent == "odd"
     assert ("user-agent", "odd") in exchange.request_headers
     many = [f"X-{i}: v" for i in range(MAX_NAME_CACHE + 50)]
-    inspector = Http1Inspector(max_header_bytes=1 << 20)
+    inspector = Http1Inspector(max_header_bytes=1 << 20, max_header_count=1 << 20)
     feed(inspector, req("GET", "/", *many), resp())
     assert len(bits_of) <= MAX_NAME_CACHE
     # Once the cache is full, new spellings of configured names still resolve.

@@ -12,7 +12,7 @@ import trustme
 
 from tests.gateway import Gateway
 from tests.h2_server import H2Origin
-from tests.netns import Topology, requires_netns
+from tests.netns import ALLOW_TEST_CLIENTS, Topology, requires_netns
 from tests.workers.test_transparent import REDIRECT_RULES
 
 pytestmark = [
@@ -43,7 +43,7 @@ def test_h2load_multiplexed_streams_and_nghttp_server_push_through_a_transparent
                  netns=topology.server),
         Gateway(tmp_path / "state", upstream_ca=tmp_path / "ca.pem",
                 listen=f"{topology.gateway_client_ip}:8443", netns=topology.gateway,
-                args=["--mode", "transparent", "--workers", "1"]) as gw,
+                args=["--mode", "transparent", "--workers", "1", *ALLOW_TEST_CLIENTS]) as gw,
     ):  # fmt: skip
         url = f"https://{topology.server_ip}"
         h2load = ["h2load", "-n", "40", "-c", "2", "-m", "10", f"{url}/size/1000"]

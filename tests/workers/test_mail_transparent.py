@@ -25,7 +25,7 @@ import pytest
 import trustme
 
 from tests.gateway import Gateway, Origin, _wait_line
-from tests.netns import Topology, requires_netns
+from tests.netns import ALLOW_TEST_CLIENTS, Topology, requires_netns
 
 pytestmark = [
     requires_netns,
@@ -128,7 +128,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
             Gateway(d / "gw", upstream_ca=d / "origin-ca.pem",
                     listen=f"{topo.gateway_client_ip}:{GATEWAY_PORT}", netns=topo.gateway,
                     args=["--mode", "transparent", "--workers", "2", "--config",
-                          str(config)]) as gw,
+                          str(config), *ALLOW_TEST_CLIENTS]) as gw,
         ):  # fmt: skip
             yield Lab(topo, gw, d / "origin-ca.pem", ip, strict_ip)
 

@@ -15,7 +15,7 @@ import pytest
 import trustme
 
 from tests.gateway import Gateway, Origin
-from tests.netns import Topology, requires_netns
+from tests.netns import ALLOW_TEST_CLIENTS, Topology, requires_netns
 
 pytestmark = [
     requires_netns,
@@ -91,7 +91,7 @@ def test_transparent_interception_reaches_the_original_destination_and_reports_i
         Origin(pki["good_cert"], pki["good_key"], host=topology.server_ip, port=443,
                netns=topology.server),
         Gateway(tmp_path, upstream_ca=pki["ca"], listen=listen, netns=topology.gateway,
-                args=["--mode", "transparent"]) as gw,
+                args=["--mode", "transparent", *ALLOW_TEST_CLIENTS]) as gw,
     ):  # fmt: skip
         result = client_curl(topology, gw, "/through-the-gateway")
         assert result.returncode == 0, result.stderr
@@ -112,7 +112,7 @@ def test_a_transparent_client_of_an_untrusted_upstream_gets_a_tls_alert_and_an_e
         Origin(pki["bad_cert"], pki["bad_key"], host=topology.server_ip, port=443,
                netns=topology.server),
         Gateway(tmp_path, upstream_ca=pki["ca"], listen=f"{topology.gateway_client_ip}:8443",
-                netns=topology.gateway, args=["--mode", "transparent"]) as gw,
+                netns=topology.gateway, args=["--mode", "transparent", *ALLOW_TEST_CLIENTS]) as gw,
     ):  # fmt: skip
         result = client_curl(topology, gw, "/")
         assert result.returncode != 0
@@ -167,7 +167,7 @@ def test_in_the_gateway_namespace_every_worker_serves_and_steering_is_counted_ex
     # exactly, see test_supervisor.py). Every selection beyond an accept is therefore bounded
     # here, not zero; the cause is noted on the issue.
     topology.gateway_nft(REDIRECT_RULES.format(port=8443))
-    args = ["--mode", "transparent", "--workers", str(workers)]
+    args = ["--mode", "transparent", "--workers", str(workers), *ALLOW_TEST_CLIENTS]
     with (
         Origin(pki["good_cert"], pki["good_key"], host=topology.server_ip, port=443,
                netns=topology.server),
