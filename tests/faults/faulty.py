@@ -103,7 +103,9 @@ class FaultyUpstream:
                 self._hold(tls)
                 return
             tls.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n" + b"x" * 1000)
-            time.sleep(0.05)
+            # long enough for a loaded gateway to have relayed the half response (an RST makes
+            # the kernel drop what the gateway had not read yet, and the test checks the half)
+            time.sleep(0.25)
             reset(tls)
         except OSError:
             sock.close()  # the gateway gave up first: fine for every behaviour
