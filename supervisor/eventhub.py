@@ -652,8 +652,7 @@ class EventHub(SelectorService):
     def _end_handshake(self, handshake: _Handshake, close: bool = True) -> None:
         if self._handshakes.pop(handshake.fd, None) is None:
             return
-        assert self._selector is not None
-        self._selector.unregister(handshake.sock)
+        self._unregister(handshake.sock)
         if close:
             handshake.sock.close()
 
@@ -735,8 +734,7 @@ class EventHub(SelectorService):
         if self._subscribers.get(sub.fd) is not sub:
             return  # closed already (its descriptor number may belong to a new one)
         del self._subscribers[sub.fd]
-        if self._selector is not None:
-            self._selector.unregister(sub.sock)
+        self._unregister(sub.sock)
         if sub.tls is not None:
             try:
                 sub.tls.shutdown()  # close_notify, best effort: the socket is non-blocking

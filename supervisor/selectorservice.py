@@ -199,12 +199,22 @@ class SelectorService:
                 assert self._selector is not None
                 self._selector.register(listener.sock, selectors.EVENT_READ, listener.on_ready)
 
+    def _unregister(self, sock: socket.socket) -> None:
+        """Stop watching ``sock``, also when the selector is broken (a service that failed
+        because of it must still close every socket it holds)."""
+        if self._selector is None:
+            return
+        try:
+            self._selector.unregister(sock)
+        except (KeyError, ValueError, OSError):
+            pass  # not registered, or the selector itself failed: closing goes on
+
     def _close_listeners(self) -> None:
         """Stop accepting for good (listening sockets closed, socket files removed)."""
         listeners, self._listeners = self._listeners, []
         for listener in listeners:
-            if self._selector is not None and not listener.paused_until:
-                self._selector.unregister(listener.sock)
+            if not listener.paused_until:
+                self._unregister(listener.sock)
             listener.close()
 
     def _close_all(self) -> None:
@@ -215,5 +225,8 @@ class SelectorService:
                 sock.close()
         self._wake_r = self._wake_w = None
         if self._selector is not None:
-            self._selector.close()
+            try:
+                self._selector.close()
+            except (ValueError, OSError):
+                pass  # closed already (a crash closed it under the thread)
             self._selector = None

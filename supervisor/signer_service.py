@@ -599,11 +599,8 @@ class SignerServer(SelectorService):
         conn.closed = True
         self._connections.pop(conn.fd, None)
         self._ready.pop(conn.fd, None)
-        if conn.interest and self._selector is not None:
-            try:
-                self._selector.unregister(conn.sock)
-            except (KeyError, ValueError, OSError):
-                pass  # the selector broke (that is why the service is failing): close anyway
+        if conn.interest:
+            self._unregister(conn.sock)
         conn.interest = 0
         conn.sock.close()
 
