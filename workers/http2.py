@@ -139,6 +139,8 @@ class _Stream:
     resp_done: bool = False
     #: the final (non-1xx) response head arrived
     resp_final: bool = False
+    #: the final response's content-length, if it declared a valid one
+    resp_length: int | None = None
     #: an extended CONNECT (RFC 8441) with this :protocol
     protocol: str | None = None
     ws: WebSocketInspector | None = None
@@ -251,7 +253,7 @@ class Http2Inspector:
         out: list[Report] = []
         for st in self._streams.values():
             if st.ws is None:
-                st.ex.complete = False
+                st.ex.complete = self._whole(st)
                 out.append(st.ex)
         self._streams.clear()
         return out
@@ -655,6 +657,9 @@ class Http2Inspector:
         ex.response_headers = found
         ct = self._found.get(b"content-type")
         ex.content_type = ct.decode("latin-1") if ct is not None else None
+        length = self._found.get(b"content-length")
+        if length is not None and length.isdigit() and len(length) <= 19:
+            st.resp_length = int(length)
         if st.protocol is not None and status < 300:
             ex.upgrade = st.protocol
             ex.complete = True
@@ -742,8 +747,21 @@ class Http2Inspector:
             self._check_closed_stream(side, sid, "RST_STREAM")
             return
         if st.ws is None:
-            st.ex.complete = False
+            st.ex.complete = self._whole(st)
             self._out.append(st.ex)
+
+    @staticmethod
+    def _whole(st: _Stream) -> bool:
+        """A stream cut by a reset or the close still carried a whole exchange when the request
+        had ended and the response body reached its declared content-length: a client that has
+        every byte may reset the stream (curl does, with STREAM_CLOSED) or close the connection
+        before the server's END_STREAM arrives (RFC 9113 section 8.1.1)."""
+        return (
+            st.req_done
+            and st.resp_final
+            and st.resp_length is not None
+            and st.ex.response_body_bytes == st.resp_length
+        )
 
     # ------------------------------------------------------------------ errors
 
@@ -756,7 +774,7 @@ class Http2Inspector:
         )
 
 
-_FOUND_NAMES: Final = frozenset({b"host", b"user-agent", b"content-type"})
+_FOUND_NAMES: Final = frozenset({b"host", b"user-agent", b"content-type", b"content-length"})
 _PROTOCOL_ERROR: Final = 0x1
 
 

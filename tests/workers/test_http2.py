@@ -10,6 +10,7 @@ from pathlib import Path
 
 import h2.config
 import h2.connection
+import h2.errors
 import h2.settings
 import pytest
 from hypothesis import given, settings
@@ -105,6 +106,46 @@ def test_a_reset_stream_is_reported_incomplete_at_once() -> None:
     client.reset_stream(1)
     (ex,) = insp.feed_client(client.data_to_send())
     assert isinstance(ex, HttpExchange) and ex.stream_id == 1 and not ex.complete
+
+
+def respond(client: h2.connection.H2Connection, server: h2.connection.H2Connection,
+            insp: Http2Inspector, body: bytes, declared: int) -> None:  # fmt: skip
+    """A GET answered with ``body`` under ``content-length: declared``, END_STREAM not yet sent."""
+    client.send_headers(1, REQUEST, end_stream=True)
+    request = client.data_to_send()
+    insp.feed_client(request)
+    server.receive_data(request)
+    server.send_headers(1, [(":status", "200"), ("content-length", str(declared))])
+    server.send_data(1, body)
+    assert insp.feed_server(server.data_to_send()) == []
+
+
+def test_a_client_resetting_after_the_whole_declared_body_has_a_complete_exchange() -> None:
+    # curl resets a stream (STREAM_CLOSED) once content-length is met, before END_STREAM arrives
+    client, server, insp = pair()
+    respond(client, server, insp, b"x" * 100, declared=100)
+    client.reset_stream(1, error_code=h2.errors.ErrorCodes.STREAM_CLOSED)
+    (ex,) = insp.feed_client(client.data_to_send())
+    assert isinstance(ex, HttpExchange) and ex.response_body_bytes == 100 and ex.complete
+
+
+def test_a_reset_or_close_before_the_declared_body_is_whole_is_incomplete() -> None:
+    client, server, insp = pair()
+    respond(client, server, insp, b"x" * 99, declared=100)
+    client.reset_stream(1)
+    (ex,) = insp.feed_client(client.data_to_send())
+    assert isinstance(ex, HttpExchange) and not ex.complete
+    client, server, insp = pair()
+    respond(client, server, insp, b"x" * 99, declared=100)
+    (ex,) = insp.finish()
+    assert isinstance(ex, HttpExchange) and not ex.complete
+
+
+def test_a_close_after_the_whole_declared_body_has_a_complete_exchange() -> None:
+    client, server, insp = pair()
+    respond(client, server, insp, b"x" * 100, declared=100)
+    (ex,) = insp.finish()
+    assert isinstance(ex, HttpExchange) and ex.complete
 
 
 def test_trailers_and_interim_responses_belong_to_their_stream() -> None:
