@@ -52,8 +52,8 @@ class Proxy:
         self.cpus = cpus
         self.proc: subprocess.Popen[Any] | None = None
         self.workers = 1
-        #: a configuration file's text for this start (tlsgate only)
-        self.config_text = ""
+        #: ``[limits]`` settings for this start (tlsgate only)
+        self.limits: dict[str, int] = {}
 
     @property
     def pid(self) -> int | None:
@@ -144,10 +144,12 @@ class Tlsgate(Proxy):
             "--workers",
             str(workers),
         ]
-        if self.config_text:
-            config = self.workdir / "tlsgate.toml"
-            config.write_text(self.config_text)
-            argv += ["--config", str(config)]
+        # All the load comes from one client address (like a NAT-ed network would): the
+        # per-address limit (256 per worker by default) would cut the idle scenario's 1000.
+        limits = {"max_connections_per_client": 1_000_000, **self.limits}
+        config = self.workdir / "tlsgate.toml"
+        config.write_text("[limits]\n" + "".join(f"{k} = {v}\n" for k, v in limits.items()))
+        argv += ["--config", str(config)]
         self._spawn(argv, "tlsgate.log")
         self._wait_ready(workers)
 

@@ -450,7 +450,7 @@ def run(s: Settings) -> list[Row]:
             proxy = bench.proxy(name)
             try:
                 if any(x.endswith(NO_UPSTREAM_REUSE) for x in scenarios):
-                    proxy.config_text = "[limits]\nupstream_sessions = 0\n"
+                    proxy.limits["upstream_sessions"] = 0
                 proxy.start(workers)
             except ProxyError as exc:
                 for scen in scenarios:
