@@ -194,7 +194,7 @@ class SignerKeeper:
     def start(self, *, create_ca: bool = False) -> SignerInfo:
         """The first signer, serving; OperatorError with its reason if it cannot start."""
         inc = self._spawn(create_ca=create_ca, expect=None)
-        info = self._wait_ready(inc)
+        info = self._wait_ready(inc, "")  # the CA's own message, e.g. "run chmod 600 ..."
         self._current, self.info = inc, info
         return info
 
@@ -202,14 +202,14 @@ class SignerKeeper:
         """A new signer with the CA on disk in place of the current one (reload)."""
         old = self._current
         inc = self._spawn(create_ca=False, expect=None)
-        info = self._wait_ready(inc)
+        info = self._wait_ready(inc, "the signer cannot start with the CA on disk: ")
         self._current, self.info = inc, info
         self._down_since, self._death, self.boot_failures = None, None, 0
         if old is not None:
             self._stop(old)
         return info
 
-    def _wait_ready(self, inc: _Incarnation) -> SignerInfo:
+    def _wait_ready(self, inc: _Incarnation, prefix: str) -> SignerInfo:
         deadline = inc.spawned + BOOT_TIMEOUT
         while True:
             inc.poll_report()
@@ -218,8 +218,10 @@ class SignerKeeper:
             if inc.error is not None or not inc.process.is_alive():
                 inc.process.join(5)
                 self._forget(inc)
-                why = inc.error or f"it exited with code {inc.process.exitcode} before serving"
-                raise OperatorError(f"the signer cannot start: {why}")
+                if inc.error is not None:
+                    raise OperatorError(f"{prefix}{inc.error}")
+                code = inc.process.exitcode
+                raise OperatorError(f"the signer exited with code {code} before serving")
             if time.monotonic() > deadline:
                 self._stop(inc)
                 raise OperatorError(f"the signer did not start within {BOOT_TIMEOUT:.0f} s")

@@ -18,8 +18,9 @@ Rules:
   never present one CA's chain with another CA's leaves.
 - It stays root: the key file is root-only, and becoming the workers' user would let a
   compromised worker (same uid) read its memory. It ignores SIGINT (the supervisor stops
-  it in order), stops on SIGTERM, and exits with :data:`EXIT_SERVICE_FAILED` if its
-  service thread dies, so that the supervisor restarts it.
+  it in order), stops on SIGTERM or when the supervisor is gone (killed), and exits with
+  :data:`EXIT_SERVICE_FAILED` if its service thread dies, so that the supervisor restarts
+  it.
 - Every :data:`STATS_INTERVAL` it publishes its counters (:data:`STATS_FIELDS`) to the
   shared array; the supervisor shows them in ``tlsgate status``.
 """
@@ -71,25 +72,31 @@ def signer_main(spec: SignerSpec) -> None:
         from tlsgate.errors import TlsgateError
 
         reason = str(exc) if isinstance(exc, TlsgateError) else f"{type(exc).__name__}: {exc}"
-        print(f"tlsgate signer: cannot start: {reason}", file=sys.stderr, flush=True)
-        _report(spec, {"ok": False, "error": reason})
+        if not _report(spec, {"ok": False, "error": reason}):  # else the supervisor says it
+            print(f"tlsgate signer: cannot start: {reason}", file=sys.stderr, flush=True)
         sys.exit(EXIT_BOOT_FAILURE)
     _report(spec, {"ok": True, **info})
+    parent = os.getppid()
     try:
         while not stop.wait(STATS_INTERVAL):
             _publish(spec, server.stats())
+            if os.getppid() != parent:  # the supervisor died (SIGKILL): nobody to sign for
+                return
             if not server.running:  # the failure was logged by the service thread
                 sys.exit(EXIT_SERVICE_FAILED)
     finally:
         server.stop()
 
 
-def _report(spec: SignerSpec, message: dict[str, Any]) -> None:
+def _report(spec: SignerSpec, message: dict[str, Any]) -> bool:
+    """Send ``message`` to the supervisor; False if it went away (it waits for nothing)."""
     try:
         spec.report.send(message)
     except OSError:
-        pass  # the supervisor went away; it will not wait for us
-    spec.report.close()
+        return False
+    finally:
+        spec.report.close()
+    return True
 
 
 def _publish(spec: SignerSpec, stats: dict[str, int]) -> None:

@@ -151,7 +151,7 @@ def test_a_reload_with_an_unusable_ca_fails_and_the_old_signer_keeps_serving(
 ) -> None:
     info = keeper.start(create_ca=True)
     ca_key_path(keeper._state_dir).chmod(0o644)
-    with pytest.raises(OperatorError, match=r"the signer cannot start: .*chmod 600"):
+    with pytest.raises(OperatorError, match=r"cannot start with the CA on disk: .*chmod 600"):
         keeper.rotate()
     assert keeper.pid == info.pid and mint(keeper.socket_path, "still.example")
     ca_key_path(keeper._state_dir).chmod(0o600)
