@@ -4,6 +4,10 @@ without losing connections, and reported on.
 Modelled on gunicorn's arbiter:
 - signal handlers only enqueue; the main loop dispatches ``handle_<signal>``, then reaps
   dead workers, kills unresponsive ones (heartbeat) and spawns missing ones with backoff;
+- signals to workers go through :meth:`Arbiter.signal_worker`: a worker that cannot be
+  signalled (no ``CAP_KILL`` for workers of another user: ``PermissionError``; gone
+  already: ``ProcessLookupError``) is logged with what to do, and the rest goes on — a
+  stop never ends in a traceback that leaves workers behind;
 - a worker that fails at boot repeatedly (exit code ``EXIT_BOOT_FAILURE``, or death within
   ``BOOT_WINDOW`` of its start) stops the supervisor with a clear message instead of looping.
 
@@ -113,7 +117,10 @@ class Arbiter:
                 self.stopping = True
                 break
             if signum == signal.SIGHUP:
-                self.reload()
+                try:
+                    self.reload()
+                except (OSError, OperatorError) as exc:
+                    self._log(f"reload failed: {exc}; still running as before")
             self._serve_requests()
             self.reap()
             self.check_heartbeats()
@@ -184,7 +191,23 @@ class Arbiter:
             if now - slot.stats[0] > HEARTBEAT_TIMEOUT:
                 self._log(f"worker {slot.index} (pid {proc.pid}) missed its heartbeat for "
                           f"{HEARTBEAT_TIMEOUT:.0f} s; killing it")  # fmt: skip
-                os.kill(proc.pid, signal.SIGKILL)
+                self.signal_worker(proc, signal.SIGKILL, "kill the unresponsive worker")
+
+    def signal_worker(self, proc: Any, sig: int, what: str) -> bool:
+        """Send ``sig`` to a worker; False (and a log line saying why) if it cannot be."""
+        try:
+            os.kill(proc.pid, sig)
+        except ProcessLookupError:
+            return False  # it exited already; reaping will see it
+        except PermissionError:
+            self._log(
+                f"cannot {what} (pid {proc.pid}, {signal.Signals(sig).name}): permission "
+                "denied; the supervisor needs CAP_KILL to signal workers running as another "
+                "user (see docs/security.md); stop it by hand: kill "
+                f"-{signal.Signals(sig).name.removeprefix('SIG')} {proc.pid}"
+            )
+            return False
+        return True
 
     def spawn_missing(self) -> None:
         now = time.monotonic()
@@ -202,7 +225,7 @@ class Arbiter:
         self._on_slot_socket(slot)  # steering now sends new connections to the new socket
         old_sock.close()  # our copy; the old worker closes its own when it stops
         if old_proc is not None and old_proc.is_alive():
-            os.kill(old_proc.pid, signal.SIGTERM)
+            self.signal_worker(old_proc, signal.SIGTERM, f"stop the replaced worker {slot.index}")
             slot.retiring.append(old_proc)
         self._log(f"worker {slot.index} replaced ({reason})")
 
@@ -231,13 +254,19 @@ class Arbiter:
         procs += [p for s in self.slots for p in s.retiring]
         for proc in procs:
             if proc.is_alive():
-                os.kill(proc.pid, signal.SIGTERM)
+                self.signal_worker(proc, signal.SIGTERM, "stop a worker")
         end = time.monotonic() + self.drain_deadline
+        left = []
         for proc in procs:
             proc.join(max(0.0, end - time.monotonic()))
             if proc.is_alive():
-                proc.kill()
-                proc.join(5)
+                if self.signal_worker(proc, signal.SIGKILL, "kill a worker past its drain"):
+                    proc.join(5)
+                if proc.is_alive():
+                    left.append(proc.pid)
+        if left:
+            self._log(f"workers still running after the stop: pids {' '.join(map(str, left))}; "
+                      "they close when their connections end, or kill them by hand")  # fmt: skip
 
 
 def _exit_fields(

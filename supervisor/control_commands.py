@@ -41,6 +41,11 @@ def run_status(args: argparse.Namespace) -> int:
         steered = "-" if w.get("steered") is None else w["steered"]
         print(f"{w['id']:>6} {w['pid'] or '-':>8} {w['active']:>7} {w['accepted']:>9} "
               f"{steered:>8} {w['restarts']:>8} {w['minted']:>7}")  # fmt: skip
+    signer = status.get("signer")
+    if signer is not None:
+        state = "serving" if signer["alive"] else "restarting"
+        print(f"signer: pid {signer['pid'] or '-'} ({state}), {signer['restarts']} restarts, "
+              f"{signer['signed']} signed")  # fmt: skip
     cache = status["cache"]
     print(f"certificate cache: {cache.get('size', 0)} entries, hit rate "
           f"{cache.get('hit_rate', 0):.1%}   events: {status['events']}")  # fmt: skip

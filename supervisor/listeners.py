@@ -7,13 +7,23 @@ import shutil
 import socket
 import sys
 from pathlib import Path
-from typing import TextIO
+from typing import Protocol, TextIO
 
 from tlsgate import __version__
 from tlsgate.errors import OperatorError
 from tlsgate.paths import events_socket_path
-from tlsgate.supervisor.ca import LoadedCA
 from tlsgate.supervisor.config import Config
+
+
+class CACertificate(Protocol):
+    """What the banner shows of the CA (the signer's report; the key stays in the signer)."""
+
+    @property
+    def cert_path(self) -> Path: ...
+
+    @property
+    def fingerprint_sha256(self) -> str: ...
+
 
 DRAIN_SECONDS = 10.0
 LISTEN_BACKLOG = 4096
@@ -79,7 +89,7 @@ def command_name() -> str:
 
 
 def banner(
-    config: Config, listen: tuple[str, int], ca: LoadedCA, created: bool, out: TextIO
+    config: Config, listen: tuple[str, int], ca: CACertificate, created: bool, out: TextIO
 ) -> None:
     host, port = listen[:2]
     where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -105,13 +105,20 @@ class LeafSigner:
         "signatures",
     )
 
-    def __init__(self, ca: LoadedCA, leaf_key: ec.EllipticCurvePrivateKey) -> None:
+    def __init__(
+        self,
+        ca: LoadedCA,
+        leaf_key: ec.EllipticCurvePrivateKey | ec.EllipticCurvePublicKey,
+    ) -> None:
         self._ca_key = ca.key
         self._hash = signature_hash(ca.key)
         self._issuer = ca.cert.subject
         self._ca_not_before = ca.cert.not_valid_before_utc
         self._ca_not_after = ca.cert.not_valid_after_utc
-        self._leaf_public_key = leaf_key.public_key()
+        # the signer process gets only the public half: leaves carry it, nothing signs with it
+        self._leaf_public_key = (
+            leaf_key.public_key() if isinstance(leaf_key, ec.EllipticCurvePrivateKey) else leaf_key
+        )
         try:
             ca_ski = ca.cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
         except x509.ExtensionNotFound:

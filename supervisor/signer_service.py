@@ -2,9 +2,11 @@
 
 Rules:
 
-- :class:`SignerServer` runs in the supervisor on its own thread (a selector loop) and
-  answers workers over a Unix stream socket. Workers hold only the socket's path (and the
-  run's leaf key): never the CA key, and they need no access to the state directory.
+- :class:`SignerServer` runs in the signer process (:mod:`.signer_process`, a child of the
+  supervisor) on its own thread (a selector loop) and answers workers over a Unix stream
+  socket; if that thread dies the process exits and the supervisor starts a new one.
+  Workers hold only the socket's path (and the run's leaf key): never the CA key, and
+  they need no access to the state directory.
 - Wire format, both directions: a 4-byte big-endian length, then one msgpack map.
   Request ``{"id": uint64, "dns_names": [str], "ip_addresses": [str], "not_after": int
   (unix seconds, UTC), "key": bin(32)}``; answer ``{"id", "der": bin}`` or

@@ -1,10 +1,13 @@
 """`tlsgate run` with worker processes: the root supervisor's wiring.
 
-What lives here (and nowhere else): the CA key (only inside the signer service), the
-shared certificate cache's writer, the event hub, the listening sockets, the eBPF
-steering program, the control socket, and the :class:`~tlsgate.supervisor.arbiter.Arbiter`
-that keeps the workers alive. Workers get their socket, the leaf key, the signer's socket
-path and the cache path — never the CA key, and they drop root.
+What lives here: the shared certificate cache (emptied here at start and CA rotation),
+the event hub, the listening sockets, the eBPF steering program, the control socket, the
+:class:`~tlsgate.supervisor.arbiter.Arbiter` that keeps the workers alive, and the
+:class:`~tlsgate.supervisor.signer_keeper.SignerKeeper` that keeps the signer process
+alive. The CA key is not here: only the signer process reads and holds it (it reports
+back the CA certificate, its fingerprint and the chain to send). Workers get their socket,
+the leaf key, the signer's socket path and the cache path — never the CA key, and they
+drop root.
 """
 
 from __future__ import annotations
@@ -29,14 +32,13 @@ from tlsgate import __version__
 from tlsgate.errors import OperatorError
 from tlsgate.paths import control_socket_path, events_socket_path, runtime_dir
 from tlsgate.supervisor.arbiter import STATS_FIELDS, Arbiter, Slot
-from tlsgate.supervisor.ca import ensure_ca
 from tlsgate.supervisor.config import Config
 from tlsgate.supervisor.control import ControlServer
 from tlsgate.supervisor.eventhub import EventHub
 from tlsgate.supervisor.interfaces import access_summary, resolve_access
 from tlsgate.supervisor.listeners import banner, make_listener
-from tlsgate.supervisor.signer import LeafSigner, generate_leaf_key
-from tlsgate.workers.certs import chain_to_send
+from tlsgate.supervisor.signer import generate_leaf_key
+from tlsgate.supervisor.signer_keeper import SignerInfo, SignerKeeper
 from tlsgate.workers.eventpipe import PipeSource
 from tlsgate.workers.events import (
     SIGNER_RESTART,
@@ -68,8 +70,7 @@ class Supervisor:
         self.steering_state = {"state": "kernel-hash", "policy": "hash", "reason": ""}
         self._migrate_saved: str | None = None
         self._bound: tuple[str, int] | None = None
-        self.signer_server: Any = None
-        self.signer_restarts = 0
+        self.signer: SignerKeeper | None = None
         self.metrics: Any = None
         self._checks: list[Any] = []
 
@@ -78,46 +79,48 @@ class Supervisor:
         self.out.flush()
 
     # -- setup ---------------------------------------------------------------------------
-    def _load_ca(self) -> None:
-        """Load (or create, on first run) the CA; everything minted so far is dropped."""
-        ca, created = ensure_ca(self.config.state_dir, self.passphrase)
-        self.ca, self.ca_created = ca, created
-        pem = serialization.Encoding.PEM
-        self.chain_pem = b"".join(c.public_bytes(pem) for c in chain_to_send(ca.cert, ca.chain))
-
-    def _start_signer(self) -> None:
-        from tlsgate.supervisor.signer_service import SignerServer
-
-        signer = LeafSigner(self.ca, self.leaf_key)
-        if self.signer_server is not None:
-            # reload: swap the CA and empty the cache, keeping every worker's connection
-            # (workers cannot reconnect through the root-only runtime directory)
-            self.signer_server.rotate(signer)
-            return
-        self.signer_server = SignerServer(signer, self.cache, self.run_dir / "signer.sock")
-        self.signer_server.start()
+    def _adopt_ca(self, info: SignerInfo) -> None:
+        """The CA the signer reported (certificate, fingerprint, chain; never the key)."""
+        self.ca, self.chain_pem = info, info.chain_pem
 
     def run(self) -> int:
-        from tlsgate.workers.bypass import LearnedBypass
-        from tlsgate.workers.certcache import SharedCertificateCache
-
         config = self.config = resolve_access(self.config)
-        self._load_ca()  # first: it creates the state directory 0700 on first run
-        # management listeners' certificates are checked before anything starts
-        remote = self._remote_listener()
-        self.metrics = self._metrics_server()
         self.run_dir = runtime_dir(config.state_dir)
-        self.run_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
         self.leaf_key = generate_leaf_key()
         self.leaf_key_pem = self.leaf_key.private_bytes(
             serialization.Encoding.PEM,
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
         )
+        public_pem = self.leaf_key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        # first: the signer reads (on the first run: creates) the CA, which creates the
+        # state directory 0700, then the runtime directory for its socket
+        self.signer = SignerKeeper(self.mp, config.state_dir, self.passphrase, self.run_dir,
+                                   public_pem, self.log)  # fmt: skip
+        info = self.signer.start(create_ca=True)
+        self._adopt_ca(info)
+        self.ca_created = info.created
+        try:
+            return self._run()
+        finally:
+            self.signer.stop()
+
+    def _run(self) -> int:
+        from tlsgate.workers.bypass import LearnedBypass
+        from tlsgate.workers.certcache import SharedCertificateCache
+
+        config = self.config
+        # management listeners' certificates are checked before anything else starts
+        remote = self._remote_listener()
+        self.metrics = self._metrics_server()
+        self.run_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
+        # a writer of our own, to empty the cache (entries of an earlier run carry
+        # another leaf key) now and at CA rotation
         self.cache = SharedCertificateCache(self.run_dir / "certcache")
         # always there (tiny), so that a reload can switch learning on
         self.learned = LearnedBypass.create(self.run_dir / "learned-bypass", config.learned_bypass)
-        self._start_signer()
         self.hub = EventHub(events_socket_path(config.state_dir), file_path=config.events_file,
                             gateway_id=f"{socket.gethostname()}:{os.getpid()}",
                             subscriber_buffer_bytes=config.events_subscriber_buffer,
@@ -176,8 +179,6 @@ class Supervisor:
             if self.steering is not None:
                 self.steering.close()
             self._restore_migrate()
-            if self.signer_server is not None:
-                self.signer_server.stop()
             self.hub.stop()
         return 0
 
@@ -345,7 +346,7 @@ class Supervisor:
             config=self.config,
             listener=slot.listener,
             events=theirs,
-            signer_socket=self.run_dir / "signer.sock",
+            signer_socket=self._signer().socket_path,
             signer=self._signer_connection(),
             cache_path=self.run_dir / "certcache",
             learned_path=self.run_dir / "learned-bypass",
@@ -363,20 +364,22 @@ class Supervisor:
         spec.signer.close()
         slot.process = proc
 
-    def _keep_signer(self) -> None:
-        """The signer thread died: a new one, an event, and new workers (who could not
-        reconnect by path after dropping root); see supervisor/signer_keeper.py."""
-        from tlsgate.supervisor.signer_keeper import revive
+    def _signer(self) -> SignerKeeper:
+        assert self.signer is not None
+        return self.signer
 
-        if self.signer_server is None or self.arbiter.stopping:
+    def _keep_signer(self) -> None:
+        """The signer process died: a new one (BootFailure stops the gateway on a crash
+        loop), an event, and new workers (who cannot reconnect by path after dropping
+        root, and whose signer's path changed); see supervisor/signer_keeper.py."""
+        if self.arbiter.stopping:
             return
-        revived = revive(self.signer_server)
-        if revived is None:
+        restart = self._signer().tick()
+        if restart is None:
             return
-        self.signer_server, reason = revived
-        self.signer_restarts += 1
-        self.log(f"the signer service died ({reason}); restarted it, replacing the workers")
-        self.emitter.emit(SIGNER_RESTART, {"reason": reason, "restarts": self.signer_restarts})
+        self.log(f"the signer restarted (pid {restart.pid}, down {restart.down_for:.1f} s); "
+                 "replacing the workers")  # fmt: skip
+        self.emitter.emit(SIGNER_RESTART, restart.event())
         for slot in self.arbiter.slots:
             self.arbiter.replace(slot, reason="signer restart")
 
@@ -389,7 +392,14 @@ class Supervisor:
 
     def _signer_connection(self) -> socket.socket:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.connect(str(self.run_dir / "signer.sock"))
+        try:
+            sock.connect(str(self._signer().socket_path))
+        except OSError:
+            # the signer is restarting: the worker gets a closed connection (its mints fail
+            # closed) and is replaced once the signer serves again
+            sock.close()
+            sock, other = socket.socketpair()
+            other.close()
         return sock
 
     def _reload(self) -> None:
@@ -405,8 +415,11 @@ class Supervisor:
                          "restart the gateway for that (other settings apply now)")  # fmt: skip
                 new = replace(new, **{k: getattr(self.config, k) for k in changed})
             self.config = new
-        self._load_ca()
-        self._start_signer()
+        # a new signer process with the CA now on disk; the old one serves until it is
+        # ready, and a CA that cannot be loaded fails the reload with the old one running
+        info = self._signer().rotate()
+        self.cache.clear()  # after the old signer stopped: nothing of the old CA stays
+        self._adopt_ca(info)
         self._reload_revocations()
 
     # -- management ----------------------------------------------------------------------------
@@ -438,7 +451,7 @@ class Supervisor:
         lookups = sum(w["cert_lookups"] for w in workers)
         minted = sum(w["minted"] for w in workers)
         shared = self.cache.stats()
-        signer = self.signer_server.stats() if self.signer_server is not None else {}
+        signer = self._signer().stats()
         return {
             "size": shared.get("size", 0),
             "lookups": lookups,
@@ -486,6 +499,7 @@ class Supervisor:
             },
             "events": self.hub.stats(),
             "metrics_endpoint": self.metrics.stats() if self.metrics is not None else None,
+            "signer": self._signer().status(),
             "ca": {"fingerprint_sha256": self.ca.fingerprint_sha256},
         }
 
@@ -516,6 +530,12 @@ def prometheus_text(status: dict[str, Any]) -> str:
            [(lbl, w["minted"]) for lbl, w in per_worker])  # fmt: skip
     metric("worker_restarts_total", "counter", "Worker restarts.",
            [(lbl, w["restarts"]) for lbl, w in per_worker])  # fmt: skip
+    signer = status.get("signer")
+    if signer is not None:
+        metric("signer_restarts_total", "counter", "Signer process restarts.",
+               [("", signer["restarts"])])  # fmt: skip
+        metric("signer_up", "gauge", "1 while the signer process serves.",
+               [("", 1.0 if signer["alive"] else 0.0)])  # fmt: skip
     if workers and workers[0].get("steered") is not None:
         metric("steered_total", "counter", "New connections the eBPF program sent to a worker.",
                [(lbl, w["steered"]) for lbl, w in per_worker])  # fmt: skip

@@ -5,11 +5,14 @@ Rules:
 - One directory (``data.mdb`` + ``lock.mdb``) in the runtime directory, which lives on
   tmpfs (``/run/tlsgate/certcache`` or ``<state-dir>/run/certcache``): nothing reaches a
   disk, and the entries outlive any worker process but not a reboot.
-- Exactly one *writer* (the supervisor's signer service): it creates the files, stores
-  what it mints and evicts. Workers open *readers* (:meth:`SharedCertificateCache.open_reader`)
-  whose memory map is read-only: a worker cannot change a certificate other workers serve.
-- Opening the writer empties the cache: every run has a fresh leaf key, so entries of an
-  earlier run carry the wrong public key. The supervisor also calls :meth:`clear` at CA
+- One *writer* role: the signer process stores what it mints and evicts; the supervisor
+  opens a writer too, to empty the cache at start and at CA rotation (LMDB serializes
+  writers of different processes). Workers open *readers*
+  (:meth:`SharedCertificateCache.open_reader`) whose memory map is read-only: a worker
+  cannot change a certificate other workers serve.
+- Opening the writer empties the cache (unless ``clear=False``: the signer process
+  re-opening it after a restart, same run): every run has a fresh leaf key, so entries
+  of an earlier run carry the wrong public key. The supervisor also calls :meth:`clear` at CA
   rotation; readers see the empty cache at their next :meth:`get`.
 - Keys are the 32-byte :func:`~tlsgate.workers.certs.cache_key`; values are DER, at most
   :data:`MAX_DER_BYTES`. Each value is stored behind its 8-byte insertion number, and a
@@ -110,6 +113,7 @@ class SharedCertificateCache:
         map_size: int = DEFAULT_MAP_SIZE,
         readonly: bool = False,
         reader_gid: int | None = None,
+        clear: bool = True,
     ) -> None:
         if max_entries < 1:
             raise ValueError(f"max_entries must be at least 1, not {max_entries}")
@@ -137,7 +141,7 @@ class SharedCertificateCache:
             ) from exc
         self.map_size = self._env.info()["map_size"]
         _open_caches.add(self)
-        if not readonly:
+        if not readonly and clear:
             self.clear()
 
     @classmethod
