@@ -71,6 +71,7 @@ class Arbiter:
         on_slot_socket: Callable[[Slot], None],
         log: Callable[[str], None],
         report: Callable[[str, dict[str, Any]], None] | None = None,
+        on_exit: Callable[[Any], None] | None = None,
     ) -> None:
         self.slots = [Slot(k, make_listener(k)) for k in range(n_workers)]
         self.drain_deadline = drain_timeout + DRAIN_GRACE
@@ -80,6 +81,8 @@ class Arbiter:
         self._log = log
         #: ``report(event_type, fields)``: the supervisor's events (``worker_exit``)
         self._report = report
+        #: ``on_exit(process)``: a worker process (current or retiring) was reaped
+        self._on_exit = on_exit
         self._signals: queue.SimpleQueue[int] = queue.SimpleQueue()
         self.requests: queue.SimpleQueue[tuple[str, Any, Callable[[Any], None]]] = (
             queue.SimpleQueue()
@@ -152,11 +155,16 @@ class Arbiter:
     def reap(self) -> None:
         now = time.monotonic()
         for slot in self.slots:
-            slot.retiring = [p for p in slot.retiring if p.is_alive() or (p.join(0) or False)]
+            ended = [p for p in slot.retiring if not p.is_alive()]
+            for old in ended:
+                old.join(0)
+                self._exited(old)
+            slot.retiring = [p for p in slot.retiring if p not in ended]
             proc = slot.process
             if proc is None or proc.is_alive():
                 continue
             proc.join(0)
+            self._exited(proc)
             code = proc.exitcode
             lived = now - slot.started
             slot.process = None
@@ -181,6 +189,10 @@ class Arbiter:
                       f"restarting{f' in {backoff:.1f} s' if backoff else ''}")  # fmt: skip
             if self._report is not None:
                 self._report("worker_exit", _exit_fields(slot, proc.pid, code, lived, backoff))
+
+    def _exited(self, proc: Any) -> None:
+        if self._on_exit is not None:
+            self._on_exit(proc)
 
     def check_heartbeats(self) -> None:
         now = time.monotonic()

@@ -70,16 +70,17 @@ File layout (every key optional)::
 
     [limits]
     max_connections = 10000           # per worker
-    max_connections_per_client = 256  # per worker and client address
+    max_connections_per_client = 256  # per client address, all workers together
     handshake_timeout = 10.0          # accept to relay (upstream validated, leaf served)
     header_timeout = 10.0             # CONNECT request / ClientHello, and each HTTP request head
     connect_timeout = 10.0
     idle_timeout = 300.0
     drain_timeout = 25.0
     upstream_sessions = 1024          # validated upstream TLS sessions kept per worker; 0 = off
-    max_request_line = 8192           # HTTP request line (method, target, version)
+    max_request_line = 8192           # HTTP request line (method, target, version), CONNECT's too
+    max_connect_header_bytes = 8192   # explicit mode: the CONNECT request, headers included
     max_header_bytes = 65536          # one HTTP header section
-    max_header_count = 128            # header lines in one HTTP header section
+    max_header_count = 128            # header lines in one HTTP header section (and CONNECT)
     socket_buffer = 0                 # bytes per socket and direction; 0: kernel autotuning
 
     steering = "auto"                 # or "ebpf" (required), "kernel" (never eBPF)
@@ -115,7 +116,8 @@ class Limits:
     """Bounds that keep one worker alive under load and hostile peers."""
 
     max_connections: int = 10000
-    #: Open connections of one client address (per worker: each worker counts its own).
+    #: Open connections of one client address in the whole gateway (all workers count in
+    #: one shared table: workers/clientcounts.py).
     max_connections_per_client: int = 256
     #: From accept until the relay runs (upstream connected and validated, client handshake).
     handshake_timeout: float = 10.0
@@ -128,9 +130,14 @@ class Limits:
     drain_timeout: float = 25.0
     #: Validated upstream TLS sessions a worker keeps to resume (0 turns reuse off).
     upstream_sessions: int = 1024
+    #: HTTP request line inside a tunnel, and the CONNECT request line (414).
     max_request_line: int = 8192
     max_header_bytes: int = 65536
+    #: Header lines of one HTTP header section, and of a CONNECT request (431).
     max_header_count: int = 128
+    #: Explicit mode: the whole CONNECT request, request line and headers (431). At most
+    #: MAX_CONNECT_HEADER_LIMIT: the worker peeks at it in one read of that size.
+    max_connect_header_bytes: int = 8192
     #: SO_RCVBUF/SO_SNDBUF of client and upstream sockets (0: the kernel's autotuning,
     #: bounded by net.ipv4.tcp_rmem/tcp_wmem). Bounds the kernel memory of a connection.
     socket_buffer: int = 0
@@ -319,10 +326,14 @@ _LIMITS = {
     "max_connections", "handshake_timeout", "connect_timeout", "idle_timeout", "drain_timeout",
     "upstream_sessions",
     "max_connections_per_client", "header_timeout", "max_request_line", "max_header_bytes",
-    "max_header_count", "socket_buffer",
+    "max_header_count", "socket_buffer", "max_connect_header_bytes",
 }  # fmt: skip
 _LIMIT_INTS = ("max_connections", "max_connections_per_client", "max_request_line",
-               "max_header_bytes", "max_header_count")  # fmt: skip
+               "max_header_bytes", "max_header_count", "max_connect_header_bytes")  # fmt: skip
+#: Bounds of max_connect_header_bytes: room for a request line and a few headers, and the
+#: worker's single peek (workers/intercept.py MAX_PEEK).
+MIN_CONNECT_HEADER_LIMIT = 256
+MAX_CONNECT_HEADER_LIMIT = 65536
 _LIMIT_FLOATS = ("handshake_timeout", "header_timeout", "connect_timeout", "idle_timeout",
                  "drain_timeout")  # fmt: skip
 #: Smallest socket_buffer accepted (the kernel doubles and floors what is set anyway).
@@ -477,6 +488,12 @@ def build_config(data: Mapping[str, Any], where: str = "the configuration") -> C
     for key in _LIMIT_FLOATS:
         if key in limits:
             lim[key] = _positive(limits[key], f"limits.{key}", float)
+    size = lim.get("max_connect_header_bytes")
+    if size is not None and not MIN_CONNECT_HEADER_LIMIT <= size <= MAX_CONNECT_HEADER_LIMIT:
+        raise ConfigError(
+            f"limits.max_connect_header_bytes = {size}: use {MIN_CONNECT_HEADER_LIMIT} to "
+            f"{MAX_CONNECT_HEADER_LIMIT} bytes (a CONNECT request is read in one peek)"
+        )
     if "upstream_sessions" in limits:
         value = limits["upstream_sessions"]
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:

@@ -130,6 +130,7 @@ class Supervisor:
         own_events = EventQueue()
         self.emitter = EventEmitter(SUPERVISOR_WORKER_ID, own_events)
         self.hub.add_source(own_events)
+        self._create_client_counts()
         self.arbiter = Arbiter(
             config.workers,
             config.limits.drain_timeout,
@@ -138,6 +139,7 @@ class Supervisor:
             self._on_slot_socket,
             self.log,
             report=self.emitter.emit,
+            on_exit=self._worker_exited,
         )
         self._check_worker_user()
         self._prepare_pcap_dir()
@@ -334,7 +336,31 @@ class Supervisor:
             self.steering.set_slot(slot.index, slot.listener)
 
     # -- workers ------------------------------------------------------------------------------
+    def _create_client_counts(self) -> None:
+        """The gateway-wide per-client connection table (workers/clientcounts.py): zeroed
+        shared memory with a row for each worker process, created before any worker."""
+        from tlsgate.workers.clientcounts import (
+            ROWS_PER_SLOT,
+            ClientCounts,
+            RowPool,
+            new_key,
+            table_words,
+        )
+
+        rows = ROWS_PER_SLOT * self.config.workers
+        self.client_table = self.mp.Array("I", table_words(rows), lock=False)
+        self.client_key = new_key()
+        self.client_rows = RowPool(ClientCounts(self.client_table, rows, -1, self.client_key))
+
+    def _worker_exited(self, proc: Any) -> None:
+        """A worker process was reaped: its connections are gone, so are their counts."""
+        self.client_rows.release(proc.pid)
+
     def _spawn(self, slot: Slot) -> None:
+        row = self.client_rows.take()
+        if row < 0:
+            self.log(f"warning: worker {slot.index} counts connections per client alone: "
+                     "every row of the shared table is held by a draining worker")  # fmt: skip
         mine, theirs = socket.socketpair()
         source = PipeSource(mine)
         source.start()
@@ -355,11 +381,20 @@ class Supervisor:
             stats=slot.stats,
             worker_user=self.config.worker_user,
             load_fd=DupFd(self.steering.load_fd) if self.steering is not None else None,
+            client_counts=self.client_table,
+            client_rows=self.client_rows.table.rows,
+            client_row=row,
+            client_key=self.client_key,
         )
         proc = self.mp.Process(
             target=worker_main, args=(spec,), name=f"tlsgate-worker-{slot.index}"
         )
-        proc.start()
+        try:
+            proc.start()
+        except BaseException:
+            self.client_rows.give_back(row)  # no process will write it
+            raise
+        self.client_rows.assign(proc.pid, row)
         theirs.close()
         spec.signer.close()
         slot.process = proc

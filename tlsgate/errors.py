@@ -43,6 +43,15 @@ class ConnectRequestError(RemoteProtocolError):
         self.status = status
 
 
+class ConnectLimitExceeded(ConnectRequestError):
+    """A CONNECT request went beyond a configured bound (``limit`` names the setting)."""
+
+    def __init__(self, message: str, status: int, limit: str) -> None:
+        super().__init__(message, status)
+        #: the ``[limits]`` setting that was exceeded, e.g. ``"max_connect_header_bytes"``
+        self.limit = limit
+
+
 class HttpProtocolError(RemoteProtocolError):
     """HTTP/1.1 bytes inside an intercepted connection could not be parsed."""
 

@@ -7,7 +7,12 @@ already be the ClientHello) and answers with :func:`connect_established` or, on 
 
 Rules (RFC 9110 section 9.3.6, RFC 9112):
 
-- The header block ends with CRLF CRLF within :data:`MAX_CONNECT_HEADER_BYTES`, else 431.
+- Bounded by ``[limits]`` (the caller passes them; the defaults are the settings'
+  defaults): the header block ends with CRLF CRLF within ``max_bytes``
+  (``max_connect_header_bytes``, 8192), else 431; the request line is at most
+  ``max_request_line`` bytes, else 414; at most ``max_header_count`` header lines, else
+  431. Each is raised as :class:`~tlsgate.errors.ConnectLimitExceeded` naming the setting,
+  as soon as the bytes received prove it (no waiting for the rest).
   Lines end with CRLF (a bare CR or LF is refused); no obsolete line folding.
 - Request line: ``CONNECT SP host:port SP HTTP/1.x`` with single spaces. Another method
   is refused with 405 (tlsgate is an HTTPS proxy only); anything else malformed with 400.
@@ -32,10 +37,12 @@ import re
 from dataclasses import dataclass
 from http import HTTPStatus
 
-from tlsgate.errors import ConnectRequestError
+from tlsgate.errors import ConnectLimitExceeded, ConnectRequestError
 from tlsgate.workers.clienthello import normalize_hostname
+from tlsgate.workers.http1 import MAX_HEADER_COUNT, MAX_REQUEST_LINE
 
-#: Largest request line plus headers (CRLF CRLF included) we wait for.
+#: Largest request line plus headers (CRLF CRLF included) we wait for, by default
+#: (``limits.max_connect_header_bytes``).
 MAX_CONNECT_HEADER_BYTES = 8192
 #: Longest reason text put in a refusal body (characters, before the newline).
 MAX_REFUSAL_REASON_CHARS = 300
@@ -78,20 +85,35 @@ def _show(data: bytes, limit: int = 64) -> str:
     return repr(data[:limit]) + ("..." if len(data) > limit else "")
 
 
-def parse_connect(data: bytes) -> ConnectRequest | None:
+def parse_connect(
+    data: bytes,
+    *,
+    max_bytes: int = MAX_CONNECT_HEADER_BYTES,
+    max_request_line: int = MAX_REQUEST_LINE,
+    max_header_count: int = MAX_HEADER_COUNT,
+) -> ConnectRequest | None:
     """Parse the CONNECT request at the start of ``data``.
 
-    Returns ``None`` while the header block is incomplete (and below the limit), a
+    Returns ``None`` while the header block is incomplete (and below the limits), a
     :class:`ConnectRequest` once it is complete, or raises :class:`ConnectRequestError`
     as soon as the bytes cannot be an acceptable CONNECT request.
     """
-    end = data.find(_END, 0, MAX_CONNECT_HEADER_BYTES)
+    line_end = data.find(_CRLF, 0, max_request_line + 2)
+    if line_end < 0:  # the line so far (its CR may have come without the LF yet)
+        line_end = len(data) - data.endswith(b"\r")
+    if line_end > max_request_line:
+        raise ConnectLimitExceeded(
+            f"CONNECT request line is longer than {max_request_line} bytes (max_request_line)",
+            414, "max_request_line",
+        )  # fmt: skip
+    end = data.find(_END, 0, max_bytes)
     if end < 0:
-        if len(data) >= MAX_CONNECT_HEADER_BYTES:
-            raise ConnectRequestError(
-                f"CONNECT request header is larger than {MAX_CONNECT_HEADER_BYTES} bytes",
-                431,
-            )
+        if len(data) >= max_bytes:
+            raise ConnectLimitExceeded(
+                f"CONNECT request header is larger than {max_bytes} bytes "
+                "(max_connect_header_bytes)",
+                431, "max_connect_header_bytes",
+            )  # fmt: skip
         # Check what is complete already, so garbage is refused without waiting.
         complete = data.rfind(_CRLF)
         tail = data[complete + 2 :] if complete >= 0 else data
@@ -99,11 +121,13 @@ def parse_connect(data: bytes) -> ConnectRequest | None:
             raise _bad("lines must end with CRLF (bare CR or LF found)")
         if complete >= 0:
             lines = data[:complete].split(_CRLF)
+            _check_header_count(lines, max_header_count)
             _parse_request_line(lines[0])
             _parse_headers(lines[1:])
         return None
     # A bare CR or LF inside a line fails the request-line, name or value checks.
     lines = data[:end].split(_CRLF)
+    _check_header_count(lines, max_header_count)
     host, port, is_ip = _parse_request_line(lines[0])
     user_agent, has_auth = _parse_headers(lines[1:])
     return ConnectRequest(
@@ -114,6 +138,16 @@ def parse_connect(data: bytes) -> ConnectRequest | None:
         user_agent=user_agent,
         has_proxy_authorization=has_auth,
     )
+
+
+def _check_header_count(lines: list[bytes], max_header_count: int) -> None:
+    """``lines``: the request line, then header lines."""
+    if len(lines) - 1 > max_header_count:
+        raise ConnectLimitExceeded(
+            f"CONNECT request has more than {max_header_count} header lines "
+            "(max_header_count)",
+            431, "max_header_count",
+        )  # fmt: skip
 
 
 def _parse_request_line(line: bytes) -> tuple[str, int, bool]:

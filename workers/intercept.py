@@ -35,6 +35,7 @@ from OpenSSL import SSL
 
 from tlsgate.errors import (
     ClientHelloError,
+    ConnectLimitExceeded,
     ConnectRequestError,
     HttpLimitExceeded,
     RemoteProtocolError,
@@ -245,11 +246,16 @@ class Interception:
 
     async def _read_connect_request(self) -> Any:
         loop = self.worker.loop
+        limits = self.worker.config.limits
         while True:
             data = await self._peek()
             try:
-                req = parse_connect(data)
+                req = parse_connect(data, max_bytes=limits.max_connect_header_bytes,
+                                    max_request_line=limits.max_request_line,
+                                    max_header_count=limits.max_header_count)  # fmt: skip
             except ConnectRequestError as exc:
+                if isinstance(exc, ConnectLimitExceeded):
+                    self.worker.limit_hit(exc.limit, self)
                 await self._send_all(connect_refusal(exc.status, str(exc)), ignore_errors=True)
                 raise
             if req is not None:

@@ -45,6 +45,12 @@ class WorkerSpec:
     stats: object  # multiprocess shared array of doubles, arbiter.STATS_FIELDS
     worker_user: str | None = None
     load_fd: object | None = None  # multiprocess.reduction.DupFd of the steering load map
+    #: the shared per-client connection table (multiprocess shared array of uint32, see
+    #: workers/clientcounts.py), its row count, this worker's row (-1: none free) and key
+    client_counts: object | None = None
+    client_rows: int = 0
+    client_row: int = -1
+    client_key: bytes = b""
 
 
 def drop_privileges(user: str | None) -> None:
@@ -79,6 +85,7 @@ def _boot(spec: WorkerSpec):  # type: ignore[no-untyped-def]
     from tlsgate.workers.bypass import LearnedBypass
     from tlsgate.workers.certcache import SharedCertificateCache
     from tlsgate.workers.certs import ClientContexts
+    from tlsgate.workers.clientcounts import ClientCounts
     from tlsgate.workers.eventpipe import PipeForwarder
     from tlsgate.workers.events import EventEmitter, EventQueue
     from tlsgate.workers.upstream import UpstreamValidator
@@ -129,6 +136,9 @@ def _boot(spec: WorkerSpec):  # type: ignore[no-untyped-def]
     worker = Worker(spec.worker_id, config, spec.listener, validator=validator,
                     client_contexts=contexts, emitter=emitter)  # fmt: skip
     worker.learned = learned
+    if spec.client_counts is not None and spec.client_row >= 0:
+        worker.client_counts = ClientCounts(spec.client_counts, spec.client_rows,
+                                            spec.client_row, spec.client_key)  # fmt: skip
     if capture is not None:
         capture.start()
         worker.capture = capture

@@ -9,11 +9,12 @@ Rules:
 - Access first: a client outside the allow-list is closed right after ``accept()``, before
   a byte is read; refusals are counted per source and reported once per sweep
   (``access_refused``), never one event per connection.
-- Bounded: at most ``limits.max_connections`` open interceptions, and
-  ``limits.max_connections_per_client`` per client address (further clients are closed at
-  accept, counted, and reported per sweep in ``limit`` events); idle relays and HTTP request
-  heads that trickle in slower than ``limits.header_timeout`` are ended by a once-a-second
-  sweep rather than a timer per read.
+- Bounded: at most ``limits.max_connections`` open interceptions in this worker, and
+  ``limits.max_connections_per_client`` per client address in the whole gateway (counted
+  in the table all workers share, :mod:`tlsgate.workers.clientcounts`; further clients are
+  closed at accept, counted, and reported per sweep in ``limit`` events); idle relays and
+  HTTP request heads that trickle in slower than ``limits.header_timeout`` are ended by a
+  once-a-second sweep rather than a timer per read.
 - Nothing here blocks: events go to a bounded queue; DNS runs in the loop's executor.
 """
 
@@ -30,6 +31,7 @@ from tlsgate.workers import events as ev
 from tlsgate.workers.access import SourceTally
 from tlsgate.workers.bypass import Entry, LearnedBypass
 from tlsgate.workers.certs import ClientContexts
+from tlsgate.workers.clientcounts import ClientCounts
 from tlsgate.workers.intercept import Interception
 from tlsgate.workers.limits import set_socket_buffers
 from tlsgate.workers.policy import Policy
@@ -84,8 +86,9 @@ class Worker:
         self.refused_sources = SourceTally()
         #: accept-time limit hits since the last sweep, per limit name
         self.limit_sources: dict[str, SourceTally] = {}
-        #: open connections per client address
-        self.per_client: dict[str, int] = {}
+        #: open connections per client address, gateway-wide (the supervisor hands a worker
+        #: its row of the shared table; alone, a worker counts in a private one)
+        self.client_counts = ClientCounts.private()
         self.stats = WorkerStats()
         self.resolver = Resolver()
         self.mail_ports = MailPorts.build(config.smtp_ports, config.imap_ports,
@@ -164,7 +167,7 @@ class Worker:
                 self._accept_limit_hit("max_connections", ip)
                 sock.close()
                 continue
-            if self.per_client.get(ip, 0) >= limits.max_connections_per_client:
+            if self.client_counts.count(ip) >= limits.max_connections_per_client:
                 self._accept_limit_hit("max_connections_per_client", ip)
                 sock.close()
                 continue
@@ -177,7 +180,7 @@ class Worker:
                 continue
             self.stats.accepted += 1
             self.stats.active += 1
-            self.per_client[ip] = self.per_client.get(ip, 0) + 1
+            self.client_counts.add(ip)
             if self.load_publisher is not None:
                 self.load_publisher.publish(self.stats.active)
             conn_id = f"{self.worker_id}-{self._next_conn}"
@@ -221,12 +224,7 @@ class Worker:
     def connection_closed(self, interception: Interception) -> None:
         if interception in self.active:
             self.active.discard(interception)
-            ip = interception.client_addr[0]
-            left = self.per_client.get(ip, 1) - 1
-            if left > 0:
-                self.per_client[ip] = left
-            else:
-                self.per_client.pop(ip, None)
+            self.client_counts.remove(interception.client_addr[0])
             self.stats.active -= 1
             self.stats.closed += 1
             if self.load_publisher is not None:

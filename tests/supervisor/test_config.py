@@ -53,6 +53,8 @@ def test_policy_lists_come_from_the_file_and_flags(tmp_path: Path) -> None:
         ({"limits": {"idle": 3}}, "unknown setting 'idle'"),
         ({"limits": {"upstream_sessions": -1}}, "limits.upstream_sessions must be a whole"),
         ({"limits": {"upstream_sessions": True}}, "limits.upstream_sessions must be a whole"),
+        ({"limits": {"max_connect_header_bytes": 100}}, "use 256 to 65536 bytes"),
+        ({"limits": {"max_connect_header_bytes": 70000}}, "use 256 to 65536 bytes"),
         ({"policy": {"bypass_domains": "a.example"}}, "must be a list of strings"),
         ({"policy": {"block_clients": ["10.0.0.0/33"]}}, "10.0.0.0/33"),
         ({"upstream_ca_bundle": "/nonexistent/bundle.pem"}, "no such file"),
@@ -62,6 +64,12 @@ def test_policy_lists_come_from_the_file_and_flags(tmp_path: Path) -> None:
 def test_every_bad_value_is_a_config_error_naming_it(data: dict[str, object], message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         build_config(data)
+
+
+def test_the_connect_request_size_is_a_limit_with_the_old_fixed_cap_as_default() -> None:
+    assert build_config({}).limits.max_connect_header_bytes == 8192
+    limits = build_config({"limits": {"max_connect_header_bytes": 65536}}).limits
+    assert limits.max_connect_header_bytes == 65536
 
 
 def test_upstream_session_reuse_can_be_turned_off_with_zero() -> None:

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tlsgate.errors import ConnectRequestError
+from tlsgate.errors import ConnectLimitExceeded, ConnectRequestError
 from tlsgate.workers.connect import (
     MAX_CONNECT_HEADER_BYTES,
     MAX_REFUSAL_REASON_CHARS,
@@ -121,6 +121,40 @@ def test_a_header_block_larger_than_8192_bytes_is_refused_with_431() -> None:
     error = refused(data[:MAX_CONNECT_HEADER_BYTES])
     assert error.status == 431
     assert refused(data).status == 431
+
+
+def limit_refusal(data: bytes, **limits: int) -> ConnectLimitExceeded:
+    with pytest.raises(ConnectLimitExceeded) as caught:
+        parse_connect(data, **limits)
+    return caught.value
+
+
+def test_the_configured_header_size_bounds_the_request_and_names_its_setting() -> None:
+    data = request(b"a.example:443", b"X-Pad: " + b"p" * 600)
+    assert parse_connect(data, max_bytes=1024) is not None
+    error = limit_refusal(data[:512], max_bytes=512)  # refused before the block is complete
+    assert (error.status, error.limit) == (431, "max_connect_header_bytes")
+    assert "512" in str(error)
+
+
+def test_a_request_line_longer_than_max_request_line_is_refused_with_414() -> None:
+    data = request(b".".join([b"a" * 50] * 4) + b".example:443")
+    assert parse_connect(data, max_request_line=len(data.split(b"\r\n")[0])) is not None
+    error = limit_refusal(data, max_request_line=100)
+    assert (error.status, error.limit) == (414, "max_request_line")
+    assert limit_refusal(data[:120], max_request_line=100).limit == "max_request_line"
+    # a line exactly at the limit whose LF has not arrived yet is not too long
+    line = data.split(b"\r\n")[0]
+    assert parse_connect(line + b"\r", max_request_line=len(line)) is None
+
+
+def test_more_header_lines_than_max_header_count_are_refused_with_431() -> None:
+    headers = [b"X-%d: v" % i for i in range(5)]
+    assert parse_connect(request(b"a.example:443", *headers), max_header_count=5) is not None
+    error = limit_refusal(request(b"a.example:443", *headers, b"X-6: v"), max_header_count=5)
+    assert (error.status, error.limit) == (431, "max_header_count")
+    incomplete = request(b"a.example:443", *headers, b"X-6: v")[:-2]
+    assert limit_refusal(incomplete, max_header_count=5).limit == "max_header_count"
 
 
 @pytest.mark.parametrize(
@@ -252,7 +286,7 @@ def outcome(data: bytes) -> None:
     try:
         result = parse_connect(data)
     except ConnectRequestError as exc:
-        assert exc.status in (400, 405, 431)
+        assert exc.status in (400, 405, 414, 431)
         return
     if result is not None:
         assert 0 < result.header_length <= min(len(data), MAX_CONNECT_HEADER_BYTES)

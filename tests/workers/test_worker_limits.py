@@ -20,6 +20,7 @@ handshake_timeout = 10.0
 header_timeout = 1.0
 max_connections_per_client = 2
 max_header_count = 10
+max_connect_header_bytes = 1024
 socket_buffer = 16384
 """
 
@@ -28,7 +29,7 @@ socket_buffer = 16384
 def gateway(tmp_path: Path, pki: dict[str, Path]) -> Iterator[Gateway]:
     config = tmp_path / "tlsgate.toml"
     config.write_text(LIMITS)
-    args = ["--config", str(config), "--workers", "1"]  # the limits are per worker
+    args = ["--config", str(config), "--workers", "1"]
     with Gateway(tmp_path / "state", upstream_ca=pki["ca"], args=args) as gw:
         yield gw
 
@@ -154,3 +155,38 @@ def test_socket_buffer_bounds_the_kernel_buffers_of_client_sockets(
         ).stdout  # fmt: skip
     # the kernel doubles what is set: 16384 -> rb32768, tb32768 (autotuning starts ~131072)
     assert "rb32768" in out and "tb32768" in out, out
+
+
+def test_a_connect_request_larger_than_max_connect_header_bytes_is_refused_with_431(
+    gateway: Gateway, origin: Origin
+) -> None:
+    """A real client (curl) sending a CONNECT with a 2000-byte proxy header."""
+    result = subprocess.run(
+        ["curl", "-sS", "-v", "--max-time", "10", "--proxy", gateway.proxy,
+         "--proxy-header", "X-Pad: " + "p" * 2000, "--cacert", str(gateway.ca_cert),
+         f"https://localhost:{origin.port}/padded"],
+        capture_output=True, text=True, timeout=20,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "HTTP/1.1 431" in result.stderr, result.stderr
+    [hit] = gateway.wait_match("limit", lambda e: e["limit"] == "max_connect_header_bytes")
+    assert hit["value"] == 1024 and hit["client_ip"] == "127.0.0.1" and hit["conn"]
+    [error] = gateway.wait_events("protocol_error", 1)
+    assert error["stage"] == "connect" and "max_connect_header_bytes" in error["error"]
+    closes = gateway.wait_match("conn_close", lambda e: e["close_reason"] == "protocol-error")
+    assert closes
+    curl_ok(gateway, origin, "/a-smaller-request-passes")
+
+
+def test_a_connect_request_with_more_headers_than_max_header_count_is_refused_with_431(
+    gateway: Gateway,
+) -> None:
+    headers = b"".join(b"X-%d: v\r\n" % i for i in range(11))
+    with socket.create_connection((gateway.host, gateway.port), timeout=10) as sock:
+        sock.sendall(b"CONNECT localhost:443 HTTP/1.1\r\n" + headers + b"\r\n")
+        answer = b""
+        while chunk := sock.recv(4096):  # bounded: the gateway closes after its answer
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 431 "), answer
+    [hit] = gateway.wait_match("limit", lambda e: e["limit"] == "max_header_count")
+    assert hit["value"] == 10 and hit["conn"]

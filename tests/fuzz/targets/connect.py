@@ -2,7 +2,7 @@
 
 Input: the bytes a client sent. Contract: :func:`parse_connect` returns ``None`` (need more,
 only below the size limit), a request whose header block ends exactly at ``header_length``,
-or raises ``ConnectRequestError`` with a status the worker can answer (400, 405, 431); the
+or raises ``ConnectRequestError`` with a status the worker can answer (400, 405, 414, 431); the
 refusal built from any error is one well-formed HTTP response that cannot be split.
 """
 
@@ -19,7 +19,7 @@ def one_input(data: bytes) -> None:
     try:
         req = parse_connect(data)
     except ConnectRequestError as exc:
-        assert exc.status in (400, 405, 431), exc.status
+        assert exc.status in (400, 405, 414, 431), exc.status
         answer = connect_refusal(exc.status, str(exc))
         head, body = answer.split(b"\r\n\r\n", 1)
         assert head.count(b"\r\n") == 3 and body.count(b"\n") == 1 and body.endswith(b"\n")
