@@ -35,6 +35,14 @@ MAX_BOOT_FAILURES = 5
 HEARTBEAT_TIMEOUT = 10.0
 DRAIN_GRACE = 5.0  # beyond the workers' own drain_timeout, then SIGKILL
 MAX_BACKOFF = 10.0
+
+
+def restart_backoff(boot_failures: int) -> float:
+    """Seconds to wait before starting a process again after ``boot_failures`` failed boots
+    in a row (workers and the signer alike): 0, then 0.2, 0.4, ... up to ``MAX_BACKOFF``."""
+    return min(MAX_BACKOFF, 0.1 * 2**boot_failures) if boot_failures else 0.0
+
+
 STATS_FIELDS = ("beat", "accepted", "active", "closed", "refused", "protocol_errors",
                 "over_limit", "minted", "cert_lookups", "access_refused",
                 "limit_hits")  # fmt: skip
@@ -182,7 +190,7 @@ class Arbiter:
                     f"worker {slot.index} failed to start {slot.boot_failures} times in a row "
                     f"(last exit code {code}); see its message above, fix the cause and restart"
                 )
-            backoff = min(MAX_BACKOFF, 0.1 * (2**slot.boot_failures)) if slot.boot_failures else 0
+            backoff = restart_backoff(slot.boot_failures)
             slot.next_spawn = now + backoff
             slot.restarts += 1
             self._log(f"worker {slot.index} (pid {proc.pid}) exited with code {code}; "

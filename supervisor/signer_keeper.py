@@ -39,7 +39,12 @@ from pathlib import Path
 from typing import Any, Final
 
 from tlsgate.errors import OperatorError
-from tlsgate.supervisor.arbiter import BOOT_WINDOW, MAX_BACKOFF, MAX_BOOT_FAILURES, BootFailure
+from tlsgate.supervisor.arbiter import (
+    BOOT_WINDOW,
+    MAX_BOOT_FAILURES,
+    BootFailure,
+    restart_backoff,
+)
 from tlsgate.supervisor.signer_process import STATS_FIELDS, SignerSpec, signer_main
 
 #: Seconds a starting signer has to report ready (imports and key loading on a busy host).
@@ -276,7 +281,7 @@ class SignerKeeper:
                 f"the signer failed to start {self.boot_failures} times in a row (last: it "
                 f"{reason}); fix the cause and restart the gateway"
             )
-        backoff = min(MAX_BACKOFF, 0.1 * 2**self.boot_failures) if self.boot_failures else 0.0
+        backoff = restart_backoff(self.boot_failures)
         self._next_start = now + backoff
         self._log(f"the signer (pid {cur.process.pid}) {reason}; restarting it"
                   f"{f' in {backoff:.1f} s' if backoff else ''}")  # fmt: skip
