@@ -5,13 +5,10 @@ gets back the connections a killed worker held."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
 import ssl
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from tests.faults.faulty import status
 from tests.gateway import Gateway, Origin
 from tests.workers.test_worker_limits import closed_within, tunnel
 
@@ -38,15 +36,6 @@ def gateway(tmp_path: Path, pki: dict[str, Path]) -> Iterator[Gateway]:
     args = ["--config", str(config), "--workers", "2"]
     with Gateway(tmp_path / "state", upstream_ca=pki["ca"], args=args) as gw:
         yield gw
-
-
-def status(gw: Gateway) -> dict[str, Any]:
-    result = subprocess.run(
-        [sys.executable, "-m", "tlsgate", "status", "--json", "--state-dir", str(gw.state_dir)],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    return dict(json.loads(result.stdout))
 
 
 def wait_status(gw: Gateway, ok: Any, timeout: float = 30.0) -> dict[str, Any]:
