@@ -346,11 +346,32 @@ class Squid(Proxy):
         ca = _peer_ca(self.workdir)
         # The suite's workdir is private to root; squid drops to its user, so it gets a
         # directory of its own with copies of what it reads (removed by stop()).
+        rundir = self.rundir = Path(tempfile.mkdtemp(prefix=SQUID_RUNDIR_PREFIX))
+        try:
+            conf = self._prepare(rundir, ca)
+            self.topo.gateway_nft(REDIRECT_RULES.format(port=PEER_PORT))
+            self._spawn([str(SQUID), "-N", "-f", str(conf)], "squid.log")
+            self._wait_listening(PEER_PORT)
+        except ProxyError as exc:
+            # squid says why on stderr or in its cache.log (stop() removes the run directory)
+            logs = _tail(self.workdir / "squid.log") + _tail(rundir / "cache.log")
+            fatal = [x for x in logs if "FATAL" in x or "ERROR" in x]
+            self.stop()
+            raise ProxyError(
+                f"{exc}; squid: {' | '.join(fatal[-3:]) or 'no error logged'}"
+            ) from exc
+        except BaseException:
+            self.stop()
+            raise
+
+    def _prepare(self, rundir: Path, ca: Path) -> Path:
+        """Fill ``rundir`` (configuration, CA, test CA, hosts, certificate db), all owned by
+        squid's user; returns the configuration's path."""
         user = pwd.getpwnam(SQUID_USER)
-        rundir = Path(tempfile.mkdtemp(prefix=SQUID_RUNDIR_PREFIX))
-        self.rundir = rundir
         (rundir / "ca.pem").write_bytes((ca / "cert.pem").read_bytes())
-        (rundir / "ca-key.pem").write_bytes((ca / "key.pem").read_bytes())
+        key = os.open(rundir / "ca-key.pem", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(key, "wb") as out:
+            out.write((ca / "key.pem").read_bytes())
         (rundir / "upstream-ca.pem").write_bytes(self.upstream_ca.read_bytes())
         gateway_hosts = NETNS_ETC / self.topo.gateway / "hosts"
         names = gateway_hosts.read_text() if gateway_hosts.exists() else "127.0.0.1 localhost\n"
@@ -372,10 +393,7 @@ class Squid(Proxy):
             ) from exc
         for path in [rundir, *rundir.rglob("*")]:
             os.chown(path, user.pw_uid, user.pw_gid)
-        (rundir / "ca-key.pem").chmod(0o600)
-        self.topo.gateway_nft(REDIRECT_RULES.format(port=PEER_PORT))
-        self._spawn([str(SQUID), "-N", "-f", str(conf)], "squid.log")
-        self._wait_listening(PEER_PORT)
+        return conf
 
     def stop(self) -> None:
         super().stop()
@@ -389,6 +407,13 @@ class Squid(Proxy):
                 shutil.copyfile(log, self.workdir / "squid-cache.log")
             shutil.rmtree(self.rundir, ignore_errors=True)
             self.rundir = None
+
+
+def _tail(path: Path, lines: int = 50) -> list[str]:
+    try:
+        return path.read_text(errors="replace").splitlines()[-lines:]
+    except OSError:
+        return []
 
 
 def _alive(pid: int) -> bool:
