@@ -10,21 +10,27 @@ the origin; ``pid`` is the process whose tree's CPU time and memory the suite re
   ``SO_ORIGINAL_DST``). It does not validate upstream certificates.
 - :class:`Mitmproxy`: ``mitmdump --mode transparent`` from a virtualenv under the cache
   directory (installed on demand with pip), trusting the run's test CA upstream.
+- :class:`Squid`: Debian's squid-openssl (installed on demand, its system service kept from
+  starting) with an ``https_port ... intercept ssl-bump`` behind the same REDIRECT, minting
+  with the peer CA through ``security_file_certgen`` helpers (children of squid, so in its
+  process tree), trusting the run's test CA upstream (``tls_outgoing_options cafile=``).
 """
 
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from tlsgate.loadtest.procstat import process_tree
-from tlsgate.loadtest.topology import Topology
+from tlsgate.loadtest.topology import NETNS_ETC, Topology
 
 PEER_PORT = 8443
 REDIRECT_RULES = """
@@ -267,6 +273,149 @@ class Mitmproxy(Proxy):
         )
 
 
+SQUID = Path("/usr/sbin/squid")
+SQUID_CERTGEN = Path("/usr/lib/squid/security_file_certgen")
+SQUID_PACKAGE = "squid-openssl"
+#: squid's effective user (Debian's build drops to it); the files it reads and writes are its
+SQUID_USER = "proxy"
+#: every run directory of a squid peer starts so (how a squid process of ours is told apart)
+SQUID_RUNDIR_PREFIX = "tlsgate-squid-"
+POLICY_RC_D = Path("/usr/sbin/policy-rc.d")
+#: invoke-rc.d's answer "action forbidden": the package's service is not started by apt
+POLICY_RC_D_DENY = (
+    "#!/bin/sh\n# tlsgate loadtest: installing squid-openssl, no service starts\nexit 101\n"
+)
+
+SQUID_CONF = """\
+# tlsgate loadtest: squid ssl-bump as a transparent interception peer (generated per start)
+workers 1
+# squid wants a forward-proxy port even when only the intercepting one is used
+http_port 127.0.0.1:{http_port}
+https_port 0.0.0.0:{port} intercept ssl-bump tls-cert={dir}/ca.pem tls-key={dir}/ca-key.pem \\
+  generate-host-certificates=on dynamic_cert_mem_cache_size=16MB
+sslcrtd_program {certgen} -s {dir}/ssl_db -M 16MB
+sslcrtd_children 8 startup=1 idle=1
+acl step1 at_step SslBump1
+ssl_bump peek step1
+ssl_bump bump all
+tls_outgoing_options cafile={dir}/upstream-ca.pem
+acl loadclients src {client_net}
+http_access allow loadclients
+http_access deny all
+# no cache at all: a relay, like the other proxies
+cache deny all
+cache_mem 0 MB
+# the gateway's names plus the client's address: squid looks the client up on every
+# connection, and without an answer there it would ask the machine's DNS server each time
+hosts_file {dir}/hosts
+access_log none
+cache_store_log none
+cache_log {dir}/cache.log
+pid_filename {dir}/squid.pid
+coredump_dir {dir}
+netdb_filename none
+pinger_enable off
+logfile_rotate 0
+shutdown_lifetime 1 seconds
+"""
+
+
+def squid_config(rundir: Path, *, port: int, client_net: str, http_port: int = 3128) -> str:
+    """Squid's configuration for one start: every path in ``rundir`` (CA, key, test CA,
+    certificate db, log, pid file), interception on ``port``, only ``client_net`` served."""
+    return SQUID_CONF.format(
+        dir=rundir, port=port, http_port=http_port, certgen=SQUID_CERTGEN, client_net=client_net
+    )
+
+
+class Squid(Proxy):
+    """Squid ssl-bump in intercept mode, one process in the foreground (``-N``) whose
+    ``security_file_certgen`` helpers mint the certificates; ``workers`` is not used (like
+    sslsplit, one process)."""
+
+    name = "squid"
+    intercepts = True
+
+    def __init__(self, topo: Topology, workdir: Path, upstream_ca: Path, cpus: set[int]) -> None:
+        super().__init__(topo, workdir, upstream_ca, cpus)
+        self.rundir: Path | None = None
+
+    def start(self, workers: int) -> None:
+        super().start(workers)
+        install_squid()
+        ca = _peer_ca(self.workdir)
+        # The suite's workdir is private to root; squid drops to its user, so it gets a
+        # directory of its own with copies of what it reads (removed by stop()).
+        rundir = self.rundir = Path(tempfile.mkdtemp(prefix=SQUID_RUNDIR_PREFIX))
+        try:
+            conf = self._prepare(rundir, ca)
+            self.topo.gateway_nft(REDIRECT_RULES.format(port=PEER_PORT))
+            self._spawn([str(SQUID), "-N", "-f", str(conf)], "squid.log")
+            self._wait_listening(PEER_PORT)
+        except ProxyError as exc:
+            # squid says why on stderr or in its cache.log (stop() removes the run directory)
+            logs = _tail(self.workdir / "squid.log") + _tail(rundir / "cache.log")
+            fatal = [x for x in logs if "FATAL" in x or "ERROR" in x]
+            self.stop()
+            raise ProxyError(
+                f"{exc}; squid: {' | '.join(fatal[-3:]) or 'no error logged'}"
+            ) from exc
+        except BaseException:
+            self.stop()
+            raise
+
+    def _prepare(self, rundir: Path, ca: Path) -> Path:
+        """Fill ``rundir`` (configuration, CA, test CA, hosts, certificate db), all owned by
+        squid's user; returns the configuration's path."""
+        user = pwd.getpwnam(SQUID_USER)
+        (rundir / "ca.pem").write_bytes((ca / "cert.pem").read_bytes())
+        key = os.open(rundir / "ca-key.pem", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(key, "wb") as out:
+            out.write((ca / "key.pem").read_bytes())
+        (rundir / "upstream-ca.pem").write_bytes(self.upstream_ca.read_bytes())
+        gateway_hosts = NETNS_ETC / self.topo.gateway / "hosts"
+        names = gateway_hosts.read_text() if gateway_hosts.exists() else "127.0.0.1 localhost\n"
+        (rundir / "hosts").write_text(f"{names}{self.topo.client_ip} loadtest-client\n")
+        conf = rundir / "squid.conf"
+        conf.write_text(
+            squid_config(rundir, port=PEER_PORT, client_net=f"{self.topo.client_ip}/32")
+        )
+        try:
+            subprocess.run(
+                [str(SQUID_CERTGEN), "-c", "-s", str(rundir / "ssl_db"), "-M", "16MB"],
+                check=True,
+                capture_output=True,
+                timeout=60,
+            )
+        except (OSError, subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
+            raise ProxyError(
+                f"initialising squid's certificate db in {rundir} failed: {exc}"
+            ) from exc
+        for path in [rundir, *rundir.rglob("*")]:
+            os.chown(path, user.pw_uid, user.pw_gid)
+        return conf
+
+    def stop(self) -> None:
+        super().stop()
+        self.topo.run(
+            self.topo.gateway, ["nft", "delete", "table", "ip", "tlsgate_bench_peer"], check=False
+        )
+        if self.rundir is not None:
+            log = self.rundir / "cache.log"
+            if log.exists():
+                # keep squid's own log with the run's others
+                shutil.copyfile(log, self.workdir / "squid-cache.log")
+            shutil.rmtree(self.rundir, ignore_errors=True)
+            self.rundir = None
+
+
+def _tail(path: Path, lines: int = 50) -> list[str]:
+    try:
+        return path.read_text(errors="replace").splitlines()[-lines:]
+    except OSError:
+        return []
+
+
 def _alive(pid: int) -> bool:
     """Running (a zombie waiting for its parent counts as gone)."""
     try:
@@ -290,6 +439,12 @@ def _apt_install(tool: str, package: str) -> None:
     """Debian's package for a peer, installed on first use (waits for the dpkg lock)."""
     if shutil.which(tool) is not None:
         return
+    _apt_get_install(package)
+    if shutil.which(tool) is None:
+        raise ProxyError(f"{package} installed but {tool} is not on PATH")
+
+
+def _apt_get_install(package: str) -> None:
     try:
         subprocess.run(
             [
@@ -312,8 +467,75 @@ def _apt_install(tool: str, package: str) -> None:
             f"installing {package} failed ({exc}); run apt-get update, then "
             f"apt-get install {package}"
         ) from exc
-    if shutil.which(tool) is None:
-        raise ProxyError(f"{package} installed but {tool} is not on PATH")
+
+
+def install_squid() -> None:
+    """Debian's squid-openssl on first use, without leaving its system service behind.
+
+    apt would start (and enable) the package's ``squid`` service: a policy-rc.d that forbids
+    it is in place during the install (an existing one is left as it is), the service is
+    disabled afterwards, and a squid process that appeared during the install and is not
+    one of ours is stopped by PID. The plain ``squid`` package (no ssl-bump) is refused:
+    installing squid-openssl would replace it, which is the operator's call.
+    """
+    if SQUID.exists() and SQUID_CERTGEN.exists():
+        return
+    if SQUID.exists():
+        raise ProxyError(
+            f"{SQUID} has no ssl-bump ({SQUID_CERTGEN} is missing: Debian's package squid); "
+            f"apt-get install {SQUID_PACKAGE} replaces it, or leave --against squid out"
+        )
+    before = set(squid_pids())
+    made_policy = False
+    if not POLICY_RC_D.exists():
+        POLICY_RC_D.write_text(POLICY_RC_D_DENY)
+        POLICY_RC_D.chmod(0o755)
+        made_policy = True
+    try:
+        _apt_get_install(SQUID_PACKAGE)
+    finally:
+        if made_policy:
+            POLICY_RC_D.unlink(missing_ok=True)
+    for argv in (["systemctl", "disable", "squid.service"], ["update-rc.d", "squid", "disable"]):
+        if shutil.which(argv[0]) is not None:
+            subprocess.run(argv, capture_output=True, timeout=60, check=False)
+    for pid in set(squid_pids()) - before:
+        _kill(pid)
+    if not (SQUID.exists() and SQUID_CERTGEN.exists()):
+        raise ProxyError(f"{SQUID_PACKAGE} installed but {SQUID} or {SQUID_CERTGEN} is missing")
+
+
+def squid_pids() -> list[int]:
+    """Running squid processes that are not a peer of ours (none run from a run directory
+    of :class:`Squid`): e.g. the system service."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            exe = os.readlink(entry / "exe")
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if exe == str(SQUID) and SQUID_RUNDIR_PREFIX.encode() not in cmdline:
+            out.append(int(entry.name))
+    return out
+
+
+def _kill(pid: int, timeout: float = 10) -> None:
+    """SIGTERM ``pid``, SIGKILL it if still there after ``timeout`` seconds."""
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if _alive(pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def cache_dir() -> Path:
@@ -356,4 +578,9 @@ def install_mitmproxy() -> Path:
     return mitmdump
 
 
-PROXIES: dict[str, type[Proxy]] = {"tlsgate": Tlsgate, "sslsplit": Sslsplit, "mitmproxy": Mitmproxy}
+PROXIES: dict[str, type[Proxy]] = {
+    "tlsgate": Tlsgate,
+    "sslsplit": Sslsplit,
+    "mitmproxy": Mitmproxy,
+    "squid": Squid,
+}

@@ -1,7 +1,7 @@
 """The load-test suite: tlsgate (and peers) in network namespaces under wrk and h2load.
 
     tlsgate loadtest [--quick] [--seconds S] [--rounds R] [--workers N]
-                     [--against sslsplit|mitmproxy] [--out DIR]
+                     [--against sslsplit|mitmproxy|squid] [--out DIR]
 
 What it builds (root only), all torn down on exit, Ctrl-C, SIGTERM and errors:
 - a client, a gateway and a server network namespace joined by veth pairs, addresses in
@@ -507,9 +507,11 @@ def settings_from_args(argv: list[str] | None) -> Settings:
     parser.add_argument(
         "--against",
         action="append",
-        choices=("sslsplit", "mitmproxy"),
+        choices=[p for p in PROXIES if p != "tlsgate"],
         default=[],
-        help="also measure this peer, interleaved (repeatable)",
+        help="also measure this peer, interleaved (repeatable): sslsplit and squid "
+        "(squid-openssl, ssl-bump) are Debian's packages, installed on first use; mitmproxy "
+        "goes into a virtualenv under ~/.cache/tlsgate",
     )
     parser.add_argument("--connections", type=int, default=32, help="client connections (32)")
     parser.add_argument("--names", type=int, help="distinct SNI names in the storm (10000)")
