@@ -13,7 +13,9 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
@@ -23,6 +25,8 @@ import msgpack
 
 LISTEN_RE = re.compile(r"listening on \[?([0-9a-fA-F.:]+?)\]?:(\d+) ")
 STARTUP_TIMEOUT = 20.0
+#: Lines of the gateway's stderr kept for ``stderr_tail`` (the oldest are dropped).
+STDERR_LINES_KEPT = 20000
 
 
 def _wait_line(
@@ -81,6 +85,8 @@ class Gateway:
         self.host = ""
         self.port = 0
         self.stderr_tail = ""
+        self._stderr_lines: deque[str] = deque(maxlen=STDERR_LINES_KEPT)
+        self._stderr_reader: threading.Thread | None = None
 
     @property
     def ca_cert(self) -> Path:
@@ -102,7 +108,22 @@ class Gateway:
         )
         m = _wait_line(self.proc, self.proc.stderr, LISTEN_RE)
         self.host, self.port = m.group(1), int(m.group(2))
+        # Keep reading: a full stderr pipe would block the gateway's next log line (and with
+        # it the supervisor or a worker) — a hang of the test's making, not the gateway's.
+        self._stderr_reader = threading.Thread(
+            target=self._read_stderr, args=(self.proc.stderr,), daemon=True
+        )
+        self._stderr_reader.start()
         return self
+
+    def _read_stderr(self, stream: Any) -> None:
+        for line in iter(stream.readline, b""):
+            self._stderr_lines.append(line.decode(errors="replace"))
+
+    @property
+    def stderr_so_far(self) -> str:
+        """What the gateway wrote to stderr after its banner (the last lines, bounded)."""
+        return "".join(self._stderr_lines)
 
     def __exit__(
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
@@ -120,8 +141,10 @@ class Gateway:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout=5)
+        if self._stderr_reader is not None:
+            self._stderr_reader.join(timeout=10)
+        self.stderr_tail = self.stderr_so_far
         if proc.stderr is not None:
-            self.stderr_tail = proc.stderr.read().decode(errors="replace")
             proc.stderr.close()
         return proc.returncode
 
