@@ -20,11 +20,14 @@ Rules of this module (other test files rely on them):
   ``ocsp_staple`` (DER bytes to staple, ``None``: no stapling),
   ``request_client_cert`` / ``require_client_cert`` (send a CertificateRequest; fail the
   handshake without a certificate), ``alpn`` (protocols the server accepts, in its order of
-  preference), ``response`` (bytes written after the request head).
+  preference), ``groups`` (the key-exchange groups the server accepts, an OpenSSL group
+  list such as ``b"secp256r1"``), ``response`` (bytes written after the request head).
 - Observations: ``handshakes`` (completed server handshakes), ``errors``,
   ``staple_requests`` (times the client asked for a staple), ``negotiated_alpn``
   (last selected ALPN protocol or ``None``), ``server_names`` (the SNI of each
-  ClientHello, ``None`` when absent).
+  ClientHello, ``None`` when absent), ``client_hellos`` (each connection's first ClientHello,
+  parsed, peeked before the handshake), ``groups_chosen`` (the group each completed
+  handshake used, OpenSSL's name).
 - :func:`write_dh_params` writes a hard-coded 1024-bit group (RFC 2409 Oakley group 2):
   generating DH parameters would take seconds.
 """
@@ -45,6 +48,15 @@ from typing import TypeVar
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from OpenSSL import SSL
+from OpenSSL._util import ffi as _ffi
+from OpenSSL._util import lib as _lib
+
+from tlsgate.workers.clienthello import (
+    ClientHello,
+    ClientHelloError,
+    client_hello_end,
+    parse_client_hello,
+)
 
 _T = TypeVar("_T")
 
@@ -109,9 +121,12 @@ class TLSServer:
         request_client_cert: bool = False,
         require_client_cert: bool = False,
         alpn: Sequence[bytes] | None = None,
+        groups: bytes | None = None,
         response: bytes = DEFAULT_RESPONSE,
     ) -> None:
         self.response = response
+        self.client_hellos: list[ClientHello] = []
+        self.groups_chosen: list[str] = []
         self.handshakes = 0
         self.staple_requests = 0
         self.negotiated_alpn: bytes | None = None
@@ -131,6 +146,8 @@ class TLSServer:
             require_client_cert=require_client_cert,
             alpn=alpn,
         )
+        if groups is not None:
+            self.set_groups(groups)
         self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._listener.bind(("127.0.0.1", 0))
         self._listener.listen(16)
@@ -202,6 +219,11 @@ class TLSServer:
 
             ctx.set_alpn_select_callback(select)
         return ctx
+
+    def set_groups(self, groups: bytes) -> None:
+        """Change the groups the server accepts (for connections from now on)."""
+        if _lib.SSL_CTX_set1_curves_list(self._ctx._context, groups) != 1:
+            raise ValueError(f"OpenSSL does not know the groups {groups!r}")
 
     def __enter__(self) -> TLSServer:
         self._acceptor.start()
@@ -283,9 +305,13 @@ class TLSServer:
         conn.set_accept_state()
         stage = "handshake"
         try:
+            self._peek_client_hello(sock, deadline)
             self._drive(conn, sock, conn.do_handshake, deadline)
+            name = _lib.SSL_get0_group_name(conn._ssl)
             with self._lock:
                 self.handshakes += 1
+                if name != _ffi.NULL:
+                    self.groups_chosen.append(_ffi.string(name).decode())
             stage = "request"
             request = b""
             while b"\r\n\r\n" not in request and len(request) < MAX_REQUEST_BYTES:
@@ -313,6 +339,29 @@ class TLSServer:
                 self._record(f"handshake: {exc!r}")
         finally:
             sock.close()
+
+    def _peek_client_hello(self, sock: socket.socket, deadline: float) -> None:
+        """Record the first ClientHello without consuming it."""
+        while True:
+            try:
+                data = sock.recv(MAX_REQUEST_BYTES, socket.MSG_PEEK)
+            except BlockingIOError:
+                data = None
+            if data == b"":
+                return  # the client hung up: the handshake will say so
+            if data is not None:
+                try:
+                    if client_hello_end(data) is not None:
+                        break
+                except ClientHelloError:
+                    return  # not a ClientHello: the handshake fails and says why
+            self._wait(sock, False, deadline)
+        try:
+            hello = parse_client_hello(data)
+        except ClientHelloError:
+            return
+        with self._lock:
+            self.client_hellos.append(hello)
 
     def _drive(
         self, conn: SSL.Connection, sock: socket.socket, op: Callable[[], _T], deadline: float

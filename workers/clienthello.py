@@ -68,6 +68,7 @@ EXT_ALPN = 0x0010
 EXT_SESSION_TICKET = 0x0023
 EXT_PRE_SHARED_KEY = 0x0029
 EXT_SUPPORTED_VERSIONS = 0x002B
+EXT_KEY_SHARE = 0x0033
 SNI_HOST_NAME = 0
 
 #: RFC 8701 GREASE values: 0x0a0a, 0x1a1a, ..., 0xfafa.
@@ -118,6 +119,8 @@ class ClientHello:
     sni: str | None
     alpn: tuple[bytes, ...]
     supported_groups: tuple[int, ...]
+    #: The groups of the key_share extension's entries (TLS 1.3), in the order sent.
+    key_share_groups: tuple[int, ...]
     ec_point_formats: tuple[int, ...]
     signature_algorithms: tuple[int, ...]
     session_id: bytes
@@ -368,6 +371,7 @@ def _parse_message(m: bytes) -> ClientHello:
     sni: str | None = None
     alpn: tuple[bytes, ...] = ()
     groups: tuple[int, ...] = ()
+    shares: tuple[int, ...] = ()
     point_formats: tuple[int, ...] = ()
     sigalgs: tuple[int, ...] = ()
     versions: tuple[int, ...] | None = None
@@ -402,6 +406,8 @@ def _parse_message(m: bytes) -> ClientHello:
                 sigalgs = _u16_list(m, start, end, "signature_algorithms")
             elif ext_type == EXT_SUPPORTED_VERSIONS:
                 versions = _parse_supported_versions(m, start, end)
+            elif ext_type == EXT_KEY_SHARE:
+                shares = _parse_key_share(m, start, end)
             elif ext_type == EXT_SESSION_TICKET:
                 has_ticket = has_ticket or end > start
             elif ext_type == EXT_PRE_SHARED_KEY:
@@ -431,6 +437,7 @@ def _parse_message(m: bytes) -> ClientHello:
         sni=sni,
         alpn=alpn,
         supported_groups=groups,
+        key_share_groups=shares,
         ec_point_formats=point_formats,
         signature_algorithms=sigalgs,
         session_id=session_id,
@@ -439,6 +446,23 @@ def _parse_message(m: bytes) -> ClientHello:
         ja3_hash=hashlib.md5(ja3.encode("ascii"), usedforsecurity=False).hexdigest(),
         ja4=_ja4(versions, ciphers, exts, alpn, sigalgs),
     )
+
+
+def _parse_key_share(m: bytes, start: int, end: int) -> tuple[int, ...]:
+    """The group of each KeyShareEntry (RFC 8446 section 4.2.8), key bytes skipped."""
+    if end - start < 2 or ((m[start] << 8) | m[start + 1]) != end - start - 2:
+        raise _malformed("the key_share list length does not fit the extension")
+    groups = []
+    offset = start + 2
+    while offset < end:
+        if offset + 4 > end:
+            raise _malformed("a key_share entry is truncated")
+        groups.append((m[offset] << 8) | m[offset + 1])
+        length = (m[offset + 2] << 8) | m[offset + 3]
+        offset += 4 + length
+        if length == 0 or offset > end:
+            raise _malformed("a key_share entry's key is empty or overruns the extension")
+    return tuple(groups)
 
 
 def _hex_list(values: list[int]) -> bytes:

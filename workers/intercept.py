@@ -55,6 +55,7 @@ from tlsgate.workers.certs import ClientSideState
 from tlsgate.workers.clienthello import ClientHello, client_hello_end, parse_client_hello
 from tlsgate.workers.connect import connect_established, connect_refusal, parse_connect
 from tlsgate.workers.http1 import looks_like_http_request
+from tlsgate.workers.keyshares import group_name
 from tlsgate.workers.limits import set_socket_buffers
 from tlsgate.workers.mail import MailDialogue, MailProtocolError, Protocol, new_dialogue
 from tlsgate.workers.origdst import original_destination
@@ -892,8 +893,10 @@ class Interception:
             "client_tls_version": cc.get_protocol_version_name() if cc else None,
             "client_cipher": cc.get_cipher_name() if cc else None,
             "client_resumed": session_reused(cc) if cc and self.handshake_done else None,
+            "client_group": group_name(cc) if cc and self.handshake_done else None,
             "upstream_tls_version": info.tls_version if info else None,
             "upstream_cipher": info.cipher if info else None,
+            "upstream_group": info.group if info else None,
             "upstream_resumed": info.session_reused if info else None,
             "alpn": info.alpn.decode("latin-1") if info and info.alpn else None,
             "upstream_subject": info.subject if info else None,

@@ -104,6 +104,8 @@ from OpenSSL._util import ffi as _ffi
 from OpenSSL._util import lib as _lib
 
 from tlsgate.errors import ConfigError, OperatorError, UpstreamRefused
+from tlsgate.workers.keyshares import DEFAULT_MAX_ENTRIES as KEY_SHARE_HINTS
+from tlsgate.workers.keyshares import KeyShareHints, group_name
 from tlsgate.workers.ocsp import GOOD, REVOKED, check_staple, requires_staple
 from tlsgate.workers.sessions import (
     DEFAULT_LIFETIME,
@@ -408,6 +410,8 @@ class UpstreamInfo:
     not_after: datetime.datetime
     ocsp: str
     session_reused: bool
+    #: the key-exchange group of this handshake (e.g. ``"X25519MLKEM768"``); None without one
+    group: str | None = None
 
 
 class UpstreamConnection(SSL.Connection):
@@ -432,6 +436,10 @@ class UpstreamConnection(SSL.Connection):
         self.offered: CachedSession[SSL.Session, UpstreamInfo] | None = None
         #: set by check_established once the server is accepted
         self.accepted: UpstreamInfo | None = None
+        #: the server's identity for key-share hints (tlsgate.workers.keyshares)
+        self.server_key: tuple[str, str, int] | None = None
+        #: the group whose key share a hint put alone in the ClientHello, if any
+        self.hinted_group: str | None = None
 
     def refuse(self, category: str, reason: str) -> None:
         """Record a refusal unless one is already recorded (the first one explains)."""
@@ -620,6 +628,7 @@ class UpstreamValidator:
         clock: Callable[[], float] = time.time,
         session_cache_size: int = DEFAULT_MAX_ENTRIES,
         session_lifetime: float = DEFAULT_LIFETIME,
+        key_share_hints: int = KEY_SHARE_HINTS,
     ) -> None:
         check_private_api()
         if cache_size < 1 or cache_ttl <= 0:
@@ -656,6 +665,8 @@ class UpstreamValidator:
         )
         self._ctx = self._build_context(path)
         self._offered_ciphers = frozenset(SSL.Connection(self._ctx).get_cipher_list())
+        #: which key share to send each server (learned from accepted handshakes)
+        self.key_shares = KeyShareHints(self._ctx, max_entries=key_share_hints)
 
     def _build_context(self, path: Path) -> SSL.Context:
         ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
@@ -725,12 +736,15 @@ class UpstreamValidator:
         conn.request_ocsp()
         if alpn:
             conn.set_alpn_protos(list(alpn))
-        if sock is not None and self.sessions.max_entries:
+        if sock is not None and (self.sessions.max_entries or self.key_shares.enabled):
             try:
                 peer = sock.getpeername()
             except OSError:
                 peer = None
-            if peer is not None:
+            if peer is not None and self.key_shares.enabled:
+                conn.server_key = (host, str(peer[0]), int(peer[1]))
+                conn.hinted_group = self.key_shares.apply(conn, conn.server_key)
+            if peer is not None and self.sessions.max_entries:
                 sent = conn.get_servername()
                 conn.session_key = SessionKey(
                     host, sent.decode("ascii") if sent else None, str(peer[0]), int(peer[1]),
@@ -778,6 +792,12 @@ class UpstreamValidator:
         docstring for what is checked. Raises :class:`UpstreamRefused`."""
         if not isinstance(conn, UpstreamConnection):
             raise TypeError("check_established needs a connection from new_connection()")
+        info = self._accept(conn)
+        if conn.server_key is not None:
+            self.key_shares.learn(conn, conn.server_key, conn.hinted_group)
+        return info
+
+    def _accept(self, conn: UpstreamConnection) -> UpstreamInfo:
         code = _verify_result(conn)
         if conn.verify_error is not None or code != X509_V_OK:
             raise self._verify_refusal(conn, *(conn.verify_error or (code, -1)))
@@ -801,7 +821,7 @@ class UpstreamValidator:
             alpn = conn.get_alpn_proto_negotiated()
             conn.accepted = dataclasses.replace(
                 conn.offered.info, tls_version=tls_version, cipher=cipher, alpn=alpn or None,
-                session_reused=True,
+                session_reused=True, group=group_name(conn),
             )  # fmt: skip
             return conn.accepted
         verified = conn.get_verified_chain()
@@ -838,6 +858,7 @@ class UpstreamValidator:
             not_after=verdict.not_after,
             ocsp=ocsp_status,
             session_reused=False,
+            group=group_name(conn),
         )
         return conn.accepted
 

@@ -489,6 +489,28 @@ def test_an_sslv2_format_hello_is_refused() -> None:
         client_hello_end(sslv2)
 
 
+def test_the_key_share_groups_are_read_in_the_order_sent_grease_included() -> None:
+    # what tells a post-quantum client (X25519MLKEM768 share) from a classical one
+    assert parse_client_hello(chrome_hello()).key_share_groups == (0x9A9A, 0x11EC, 0x001D)
+    assert parse(handshake()).key_share_groups == ()
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"\x00",  # no room for the list length
+        u16(9) + u16(0x001D) + u16(1) + b"\x00",  # the list length says 9, it holds 5
+        u16(4) + u16(0x001D) + u16(0),  # an empty key
+        u16(6) + u16(0x001D) + u16(32) + b"\x00\x00",  # key overruns the extension
+        u16(3) + u16(0x001D) + b"\x00",  # an entry header cut short
+    ],
+    ids=["short", "length-mismatch", "empty-key", "key-overrun", "entry-truncated"],
+)
+def test_a_malformed_key_share_is_refused(body: bytes) -> None:
+    with pytest.raises(ClientHelloError, match="key_share"):
+        parse(handshake(extensions=[ext(0x0033, body)]))
+
+
 @pytest.mark.parametrize(
     ("data", "complaint"),
     [

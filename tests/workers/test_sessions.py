@@ -147,6 +147,9 @@ def test_the_second_connection_resumes_on_both_legs_and_is_still_inspected(
     assert second["upstream_resumed"] is True and third["upstream_resumed"] is True
     # the client resumes its session with the gateway, as a browser does
     assert second["client_resumed"] is True and third["client_resumed"] is True
+    # key exchange on both legs is reported (OpenSSL 3.0 on both ends here: no ML-KEM)
+    assert [c["client_group"] for c in (first, second, third)] == ["X25519"] * 3
+    assert [c["upstream_group"] for c in (first, second, third)] == ["X25519"] * 3
     for c in (second, third):
         # what validation established travels with the session
         assert c["upstream_verdict"] == "valid"

@@ -36,6 +36,7 @@ from tests.tlsserver import TLSServer, write_dh_params
 from tlsgate.errors import ConfigError, OperatorError, UpstreamRefused
 from tlsgate.workers import ocsp as ocsp_checks
 from tlsgate.workers import upstream
+from tlsgate.workers.keyshares import GROUP_NAMES, KeyShareHints, default_groups
 from tlsgate.workers.upstream import (
     DEFAULT_CA_BUNDLE,
     VERDICT_TTL,
@@ -1326,3 +1327,160 @@ def test_the_startup_self_check_notices_renumbered_verify_errors(
     monkeypatch.setitem(upstream._VERIFY_ERRORS, 10, ("expired", "certificate is fine"))
     with pytest.raises(OperatorError, match="renumbered"):
         upstream.check_private_api()
+
+
+# --- key shares: what the server chose last time ---------------------------------------------
+
+X25519MLKEM768, X25519, SECP384R1 = 0x11EC, 0x001D, 0x0018
+
+
+def accepted(validator: UpstreamValidator, server: TLSServer, n: int = 1) -> list[str | None]:
+    """Connect ``n`` times, each accepted; the key-exchange group of each, as reported."""
+    results = [attempt(validator, server) for _ in range(n)]
+    assert [r.stage for r in results] == ["accepted"] * n, results
+    return [r.info.group if r.info else None for r in results]
+
+
+def test_a_first_handshake_sends_openssls_two_default_key_shares(
+    validator: UpstreamValidator, good_leaf: Issued
+) -> None:
+    with TLSServer(served(good_leaf), good_leaf.key) as server:
+        assert accepted(validator, server, 2) == ["X25519MLKEM768"] * 2
+    shares = [hello.key_share_groups for hello in server.client_hellos]
+    # the server took the hybrid share, which the default already sends: nothing to learn
+    assert shares == [(X25519MLKEM768, X25519)] * 2
+    assert len(validator.key_shares) == 0
+
+
+def test_a_server_that_chose_x25519_gets_only_that_share_and_the_same_groups_next_time(
+    validator: UpstreamValidator, good_leaf: Issued
+) -> None:
+    with TLSServer(served(good_leaf), good_leaf.key, groups=b"X25519:secp256r1") as server:
+        assert accepted(validator, server, 3) == ["X25519"] * 3
+    first, *later = server.client_hellos
+    assert first.key_share_groups == (X25519MLKEM768, X25519)
+    assert [hello.key_share_groups for hello in later] == [(X25519,)] * 2
+    # never a group added or dropped: the offer is the default one, in its order
+    assert all(hello.supported_groups == first.supported_groups for hello in later)
+
+
+def test_a_server_that_needed_a_retry_gets_its_group_first_time_next_time(
+    validator: UpstreamValidator, good_leaf: Issued
+) -> None:
+    with TLSServer(served(good_leaf), good_leaf.key, groups=b"secp384r1") as server:
+        assert accepted(validator, server, 2) == ["secp384r1"] * 2
+    # the first ClientHello's shares did not suit (HelloRetryRequest); the next one's do
+    assert [hello.key_share_groups for hello in server.client_hellos] == [
+        (X25519MLKEM768, X25519),
+        (SECP384R1,),
+    ]
+
+
+def test_a_server_that_gained_a_preferred_group_asks_for_it_and_is_relearned(
+    validator: UpstreamValidator, good_leaf: Issued
+) -> None:
+    with TLSServer(served(good_leaf), good_leaf.key, groups=b"X25519") as server:
+        assert accepted(validator, server) == ["X25519"]
+        # upgraded, and (as OpenSSL's default) prefers the hybrid group even at a retry's cost
+        server.set_groups(b"X25519MLKEM768 / X25519")
+        assert accepted(validator, server, 2) == ["X25519MLKEM768"] * 2
+    assert [hello.key_share_groups for hello in server.client_hellos] == [
+        (X25519MLKEM768, X25519),
+        (X25519,),  # the hint; the server asks for the hybrid group by HelloRetryRequest
+        (X25519MLKEM768, X25519),  # relearned: the default offer again
+    ]
+
+
+def test_a_server_that_gained_a_group_without_asking_sees_the_full_offer_within_a_lifetime(
+    bundle: Path, good_leaf: Issued
+) -> None:
+    now = [0.0]
+    validator = UpstreamValidator(bundle)
+    validator.key_shares = KeyShareHints(validator.context, lifetime=60, clock=lambda: now[0])
+    with TLSServer(served(good_leaf), good_leaf.key, groups=b"X25519") as server:
+        assert accepted(validator, server) == ["X25519"]
+        server.set_groups(b"X25519:X25519MLKEM768")  # takes X25519 when that share is there
+        got = []
+        for now[0] in (30.0, 59.0, 61.0, 70.0):
+            got += accepted(validator, server)
+    # using the hint at 30 and 59 did not renew it: at 61 the full offer goes out again
+    assert got == ["X25519", "X25519", "X25519MLKEM768", "X25519MLKEM768"]
+    assert [hello.key_share_groups for hello in server.client_hellos] == [
+        (X25519MLKEM768, X25519),
+        (X25519,),
+        (X25519,),
+        (X25519MLKEM768, X25519),
+        (X25519MLKEM768, X25519),
+    ]
+
+
+def test_a_refused_server_teaches_nothing(validator: UpstreamValidator, inter: Issued) -> None:
+    leaf = pki.make_leaf(inter, ("other.example.com",))
+    with TLSServer((leaf.cert, inter.cert), leaf.key, groups=b"X25519") as server:
+        assert attempt(validator, server).category == "hostname-mismatch"
+        assert attempt(validator, server).category == "hostname-mismatch"
+    assert [hello.key_share_groups for hello in server.client_hellos] == [
+        (X25519MLKEM768, X25519)
+    ] * 2
+    assert len(validator.key_shares) == 0
+
+
+def test_a_hint_is_for_one_name_address_and_port(
+    validator: UpstreamValidator, inter: Issued
+) -> None:
+    leaf = pki.make_leaf(inter, ("a.example.com", "b.example.com"))
+    with TLSServer((leaf.cert, inter.cert), leaf.key, groups=b"X25519") as one:
+        assert attempt(validator, one, "a.example.com").stage == "accepted"
+        assert attempt(validator, one, "b.example.com").stage == "accepted"
+        with TLSServer((leaf.cert, inter.cert), leaf.key, groups=b"X25519") as other:
+            assert attempt(validator, other, "a.example.com").stage == "accepted"
+    assert [h.key_share_groups for h in one.client_hellos + other.client_hellos] == [
+        (X25519MLKEM768, X25519)
+    ] * 3
+
+
+def test_hints_expire(bundle: Path, good_leaf: Issued) -> None:
+    now = [0.0]
+    validator = UpstreamValidator(bundle)
+    validator.key_shares = KeyShareHints(validator.context, lifetime=60, clock=lambda: now[0])
+    with TLSServer(served(good_leaf), good_leaf.key, groups=b"X25519") as server:
+        assert attempt(validator, server).stage == "accepted"
+        now[0] = 59.0
+        assert attempt(validator, server).stage == "accepted"
+        now[0] = 200.0
+        assert attempt(validator, server).stage == "accepted"
+    assert [hello.key_share_groups for hello in server.client_hellos] == [
+        (X25519MLKEM768, X25519),
+        (X25519,),
+        (X25519MLKEM768, X25519),
+    ]
+
+
+def test_hints_are_bounded_least_recently_used_first(bundle: Path, inter: Issued) -> None:
+    validator = UpstreamValidator(bundle)
+    validator.key_shares = KeyShareHints(validator.context, max_entries=2)
+    leaf = pki.make_leaf(inter, ("a.example.com", "b.example.com", "c.example.com"))
+    with TLSServer((leaf.cert, inter.cert), leaf.key, groups=b"X25519") as server:
+        for host in ("a.example.com", "b.example.com", "c.example.com"):
+            assert attempt(validator, server, host).stage == "accepted"
+        assert len(validator.key_shares) == 2
+        assert attempt(validator, server, "a.example.com").stage == "accepted"  # forgotten
+        assert attempt(validator, server, "c.example.com").stage == "accepted"  # kept
+    assert [h.key_share_groups for h in server.client_hellos[3:]] == [
+        (X25519MLKEM768, X25519),
+        (X25519,),
+    ]
+
+
+def test_every_default_group_has_a_name_so_hints_are_on() -> None:
+    # a future OpenSSL default with a group this table lacks turns hints off (tested next)
+    ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
+    assert set(default_groups(ctx)) <= set(GROUP_NAMES)
+    assert KeyShareHints(ctx).enabled
+
+
+def test_an_unnamed_default_group_turns_hints_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delitem(GROUP_NAMES, X25519)
+    hints = KeyShareHints(SSL.Context(SSL.TLS_CLIENT_METHOD))
+    assert not hints.enabled
+    assert hints.group_list("X25519") is None
