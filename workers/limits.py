@@ -5,8 +5,9 @@ Memory of one intercepted connection, by construction (``[limits]`` in the confi
 - before TLS: one peek of at most ``MAX_PEEK`` (64 KiB) for the CONNECT request (refused
   beyond ``max_connect_header_bytes``) or the ClientHello
   (:mod:`tlsgate.workers.intercept`), within ``header_timeout``;
-- relaying: at most one pending read (``READ_SIZE``, 64 KiB) per direction, since a pipe
-  stops reading while its destination is blocked (:mod:`tlsgate.workers.relay`), plus
+- relaying: at most one pending read (16 KiB of TLS plaintext, 64 KiB spliced) per
+  direction, since a pipe stops reading while its destination is blocked
+  (:mod:`tlsgate.workers.relay`), plus
   OpenSSL's record buffers (released when idle: ``MODE_RELEASE_BUFFERS``);
 - inspecting HTTP/1.x and HTTP/2: no body bytes at all (counted as they stream), and at
   most ``max_header_bytes`` of one header section per direction

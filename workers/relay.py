@@ -25,15 +25,29 @@ import socket
 from collections.abc import Callable
 
 from OpenSSL import SSL
+from OpenSSL._util import ffi as _ffi
+from OpenSSL._util import lib as _lib
 
-#: Read size; OpenSSL returns at most one 16 KiB record per read anyway.
-READ_SIZE = 65536
+#: TLS read size: OpenSSL returns at most one record (16 KiB of plaintext) per SSL_read.
+READ_SIZE = 16384
+#: Plain TCP read size (spliced connections).
+TCP_READ_SIZE = 65536
 #: A read that returns a full record suggests more is buffered: keep reading up to this much
 #: per readiness event before yielding to other connections.
 READ_BUDGET = 256 * 1024
 FULL_RECORD = 16384
 
 log = logging.getLogger(__name__)
+
+_SSL_read = _lib.SSL_read
+_SSL_write = _lib.SSL_write
+_SSL_pending = _lib.SSL_pending
+_SSL_get_error = _lib.SSL_get_error
+_WANT_READ = _lib.SSL_ERROR_WANT_READ
+_WANT_WRITE = _lib.SSL_ERROR_WANT_WRITE
+#: One read buffer for every connection of the worker: the event loop runs one call at a
+#: time and each read is copied out (into the bytes handed on) before the next.
+_READ_BUFFER = _ffi.new("char[]", READ_SIZE)
 
 
 class EndpointError(Exception):
@@ -52,20 +66,39 @@ class WouldBlock(Exception):
 
 
 class TlsEndpoint:
-    """A side spoken to through a socket-backed pyOpenSSL Connection."""
+    """A side spoken to through a socket-backed pyOpenSSL Connection.
 
-    __slots__ = ("conn", "fd", "name", "sock")
+    The data path calls ``SSL_read``/``SSL_write`` through pyOpenSSL's own cffi bindings
+    (its private ``_ssl``, as the upstream validator does) instead of ``Connection.recv``
+    and ``send``: those allocate a 64 KiB buffer per read, and check three callback helpers
+    and call ``SSL_get_error`` after every call, successful or not — about a quarter of a
+    keep-alive request's TLS-call cost (docs/performance.md). Only success and
+    WANT_READ/WANT_WRITE take the short path; every other outcome goes through pyOpenSSL's
+    ``_raise_ssl_error``, so errors are classified exactly as before.
+    """
+
+    __slots__ = ("_ssl", "conn", "fd", "name", "sock")
 
     def __init__(self, name: str, sock: socket.socket, conn: SSL.Connection) -> None:
         self.name = name
         self.sock = sock
         self.conn = conn
         self.fd = sock.fileno()
+        self._ssl = conn._ssl  # private pyOpenSSL internals, see upstream.check_private_api
 
     def recv(self) -> bytes:
         """Plaintext, ``b""`` at end of stream; raises WouldBlock or EndpointError."""
+        ssl = self._ssl
+        n = _SSL_read(ssl, _READ_BUFFER, READ_SIZE)
+        if n > 0:
+            return _ffi.buffer(_READ_BUFFER, n)[:]
+        code = _SSL_get_error(ssl, n)
+        if code == _WANT_READ:
+            raise WouldBlock(True)
+        if code == _WANT_WRITE:
+            raise WouldBlock(False)
         try:
-            return self.conn.recv(READ_SIZE)
+            self.conn._raise_ssl_error(ssl, n)
         except SSL.WantReadError:
             raise WouldBlock(True) from None
         except SSL.WantWriteError:
@@ -78,10 +111,20 @@ class TlsEndpoint:
             raise EndpointError(f"{self.name}-reset") from None
         except SSL.Error as exc:
             raise EndpointError(f"{self.name}-tls-error: {_ssl_error_text(exc)}") from None
+        raise EndpointError(f"{self.name}-tls-error: SSL_read returned {n} without an error")
 
     def send(self, data: bytes | memoryview) -> int:
+        ssl = self._ssl
+        n = _SSL_write(ssl, _ffi.from_buffer(data), len(data))
+        if n > 0:
+            return n
+        code = _SSL_get_error(ssl, n)
+        if code == _WANT_WRITE:
+            raise WouldBlock(False)
+        if code == _WANT_READ:
+            raise WouldBlock(True)
         try:
-            return self.conn.send(data)
+            self.conn._raise_ssl_error(ssl, n)
         except SSL.WantWriteError:
             raise WouldBlock(False) from None
         except SSL.WantReadError:
@@ -90,6 +133,7 @@ class TlsEndpoint:
             raise EndpointError(f"{self.name}-reset") from None
         except SSL.Error as exc:
             raise EndpointError(f"{self.name}-tls-error: {_ssl_error_text(exc)}") from None
+        raise EndpointError(f"{self.name}-tls-error: SSL_write returned {n} without an error")
 
     def close_write(self) -> None:
         """Send close_notify; the peer learns we will send no more."""
@@ -99,7 +143,7 @@ class TlsEndpoint:
             pass  # the peer is gone or the buffer is full; the TCP close follows anyway
 
     def pending(self) -> int:
-        return self.conn.pending()
+        return _SSL_pending(self._ssl)
 
     def close(self) -> None:
         self.sock.close()
@@ -117,7 +161,7 @@ class TcpEndpoint:
 
     def recv(self) -> bytes:
         try:
-            return self.sock.recv(READ_SIZE)
+            return self.sock.recv(TCP_READ_SIZE)
         except BlockingIOError:
             raise WouldBlock(True) from None
         except OSError as exc:

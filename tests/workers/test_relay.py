@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from OpenSSL import SSL
 
-from tlsgate.workers.relay import READ_SIZE, EndpointError, Relay, TcpEndpoint, TlsEndpoint
+from tlsgate.workers.relay import TCP_READ_SIZE, EndpointError, Relay, TcpEndpoint, TlsEndpoint
 
 SMALL_BUFFER = 16384
 
@@ -72,7 +72,7 @@ def test_a_reader_that_stops_reading_stops_the_relay_reading_the_other_side() ->
                 await asyncio.sleep(0.01)
         # everything the client managed to send sits in kernel buffers plus at most one read
         kernel = 4 * 2 * SMALL_BUFFER * 2  # both pairs, both directions' buffers, doubled by Linux
-        assert sent <= kernel + READ_SIZE
+        assert sent <= kernel + TCP_READ_SIZE
         assert relay.up.pending is not None  # held, not buffered further
         assert relay_client.fileno() not in relay._readers
         received = await read_exactly(server, sent)
