@@ -71,6 +71,7 @@ File layout (every key optional)::
     [limits]
     max_connections = 10000           # per worker
     max_connections_per_client = 256  # per client address, all workers together
+    client_ipv6_prefix = 64           # an IPv6 client is its /64 (one host holds a whole /64)
     handshake_timeout = 10.0          # accept to relay (upstream validated, leaf served)
     header_timeout = 10.0             # CONNECT request / ClientHello, and each HTTP request head
     connect_timeout = 10.0
@@ -119,6 +120,10 @@ class Limits:
     #: Open connections of one client address in the whole gateway (all workers count in
     #: one shared table: workers/clientcounts.py).
     max_connections_per_client: int = 256
+    #: IPv6 clients are counted per network of this prefix length: one host usually holds a
+    #: whole /64 and can pick a new source address per connection (RFC 8981). IPv4 clients
+    #: are counted per address.
+    client_ipv6_prefix: int = 64
     #: From accept until the relay runs (upstream connected and validated, client handshake).
     handshake_timeout: float = 10.0
     #: For the CONNECT request, the ClientHello, and each HTTP request head in a tunnel
@@ -326,7 +331,7 @@ _LIMITS = {
     "max_connections", "handshake_timeout", "connect_timeout", "idle_timeout", "drain_timeout",
     "upstream_sessions",
     "max_connections_per_client", "header_timeout", "max_request_line", "max_header_bytes",
-    "max_header_count", "socket_buffer", "max_connect_header_bytes",
+    "max_header_count", "socket_buffer", "max_connect_header_bytes", "client_ipv6_prefix",
 }  # fmt: skip
 _LIMIT_INTS = ("max_connections", "max_connections_per_client", "max_request_line",
                "max_header_bytes", "max_header_count", "max_connect_header_bytes")  # fmt: skip
@@ -338,6 +343,9 @@ _LIMIT_FLOATS = ("handshake_timeout", "header_timeout", "connect_timeout", "idle
                  "drain_timeout")  # fmt: skip
 #: Smallest socket_buffer accepted (the kernel doubles and floors what is set anyway).
 MIN_SOCKET_BUFFER = 4096
+#: Bounds of client_ipv6_prefix: from a /32 (a whole provider allocation) to single addresses.
+MIN_CLIENT_IPV6_PREFIX = 32
+MAX_CLIENT_IPV6_PREFIX = 128
 STEERING = ("auto", "ebpf", "kernel")
 STEERING_POLICIES = ("least-loaded", "hash")
 
@@ -502,6 +510,19 @@ def build_config(data: Mapping[str, Any], where: str = "the configuration") -> C
                 f"session reuse off), got {value!r}"
             )
         lim["upstream_sessions"] = value
+    if "client_ipv6_prefix" in limits:
+        bits = limits["client_ipv6_prefix"]
+        if (
+            not isinstance(bits, int)
+            or isinstance(bits, bool)
+            or not MIN_CLIENT_IPV6_PREFIX <= bits <= MAX_CLIENT_IPV6_PREFIX
+        ):
+            raise ConfigError(
+                f"limits.client_ipv6_prefix = {bits!r}: use a prefix length from "
+                f"{MIN_CLIENT_IPV6_PREFIX} to {MAX_CLIENT_IPV6_PREFIX} (64: one client per /64; "
+                "128: per address)"
+            )
+        lim["client_ipv6_prefix"] = bits
     if "socket_buffer" in limits:
         size = limits["socket_buffer"]
         if size != 0:

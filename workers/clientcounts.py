@@ -26,6 +26,10 @@ Design:
 - Readers do not synchronize with other workers' writes: two workers that accept the same
   client in the same instant may both see one below the limit, so the limit can be passed
   by at most one connection per worker, for as long as those connections last.
+- What one client is: an IPv4 address, or an IPv6 address's network of
+  ``client_ipv6_prefix`` bits (default /64, :func:`client_of`): a host usually holds a whole
+  /64 and may use a fresh source address per connection, so per-address counting would let
+  it open the limit once per address.
 - A worker that dies cannot subtract what it added. The supervisor zeroes a process's row
   once the process has been reaped (its connections died with it) and before the row is
   given to another process (:meth:`ClientCounts.clear_row`).
@@ -35,6 +39,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 from typing import Any, Final
 
 #: Counter arrays per row (count-min sketch depth).
@@ -47,6 +52,21 @@ ROWS_PER_SLOT: Final = 4
 KEY_BYTES: Final = 16
 _ROW_WORDS: Final = HASHES * BUCKETS
 _ZERO_ROW: Final = memoryview(bytes(4 * _ROW_WORDS)).cast("I")
+
+
+def client_of(ip: str, ipv6_prefix: int = 64) -> str:
+    """The client ``ip`` is counted as: itself (IPv4), or its IPv6 network of
+    ``ipv6_prefix`` bits as ``"2001:db8:0:1::/64"`` (IPv4-mapped addresses must be unmapped
+    by the caller). Text that is not an IPv6 address is returned as it is."""
+    if ":" not in ip or ipv6_prefix >= 128:
+        return ip
+    try:
+        packed = int.from_bytes(socket.inet_pton(socket.AF_INET6, ip), "big")
+    except OSError:
+        return ip
+    network = packed >> (128 - ipv6_prefix) << (128 - ipv6_prefix)
+    text = socket.inet_ntop(socket.AF_INET6, network.to_bytes(16, "big"))
+    return f"{text}/{ipv6_prefix}"
 
 
 def table_words(rows: int) -> int:

@@ -127,6 +127,8 @@ class Interception:
     client_addr: tuple[str, int]
     conn_id: str
     started: float = field(default_factory=time.monotonic)
+    #: who the worker counted this connection for (workers/clientcounts.py: client_of)
+    counted_as: str = ""
     server_addr: tuple[str, int] | None = None
     connect_host: str | None = None
     connect_port: int | None = None

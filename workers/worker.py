@@ -10,8 +10,9 @@ Rules:
   a byte is read; refusals are counted per source and reported once per sweep
   (``access_refused``), never one event per connection.
 - Bounded: at most ``limits.max_connections`` open interceptions in this worker, and
-  ``limits.max_connections_per_client`` per client address in the whole gateway (counted
-  in the table all workers share, :mod:`tlsgate.workers.clientcounts`; further clients are
+  ``limits.max_connections_per_client`` per client (an IPv4 address, an IPv6 /64) in the
+  whole gateway (counted in the table all workers share,
+  :mod:`tlsgate.workers.clientcounts`; further clients are
   closed at accept, counted, and reported per sweep in ``limit`` events); idle relays and
   HTTP request heads that trickle in slower than ``limits.header_timeout`` are ended by a
   once-a-second sweep rather than a timer per read.
@@ -31,7 +32,7 @@ from tlsgate.workers import events as ev
 from tlsgate.workers.access import SourceTally
 from tlsgate.workers.bypass import Entry, LearnedBypass
 from tlsgate.workers.certs import ClientContexts
-from tlsgate.workers.clientcounts import ClientCounts
+from tlsgate.workers.clientcounts import ClientCounts, client_of
 from tlsgate.workers.intercept import Interception
 from tlsgate.workers.limits import set_socket_buffers
 from tlsgate.workers.policy import Policy
@@ -167,7 +168,8 @@ class Worker:
                 self._accept_limit_hit("max_connections", ip)
                 sock.close()
                 continue
-            if self.client_counts.count(ip) >= limits.max_connections_per_client:
+            who = client_of(ip, limits.client_ipv6_prefix)
+            if self.client_counts.count(who) >= limits.max_connections_per_client:
                 self._accept_limit_hit("max_connections_per_client", ip)
                 sock.close()
                 continue
@@ -180,12 +182,12 @@ class Worker:
                 continue
             self.stats.accepted += 1
             self.stats.active += 1
-            self.client_counts.add(ip)
+            self.client_counts.add(who)
             if self.load_publisher is not None:
                 self.load_publisher.publish(self.stats.active)
             conn_id = f"{self.worker_id}-{self._next_conn}"
             self._next_conn += 1
-            interception = Interception(self, sock, client, conn_id)
+            interception = Interception(self, sock, client, conn_id, counted_as=who)
             self.active.add(interception)
             task = self.loop.create_task(interception.run())
             self._tasks.add(task)
@@ -224,7 +226,7 @@ class Worker:
     def connection_closed(self, interception: Interception) -> None:
         if interception in self.active:
             self.active.discard(interception)
-            self.client_counts.remove(interception.client_addr[0])
+            self.client_counts.remove(interception.counted_as)
             self.stats.active -= 1
             self.stats.closed += 1
             if self.load_publisher is not None:

@@ -77,6 +77,17 @@ def test_upstream_session_reuse_can_be_turned_off_with_zero() -> None:
     assert build_config({}).limits.upstream_sessions == 1024
 
 
+def test_an_ipv6_client_is_its_slash_64_unless_configured_otherwise() -> None:
+    assert build_config({}).limits.client_ipv6_prefix == 64
+    assert build_config({"limits": {"client_ipv6_prefix": 128}}).limits.client_ipv6_prefix == 128
+
+
+@pytest.mark.parametrize("bits", [0, 31, 129, True, "64", 64.0])
+def test_an_ipv6_client_prefix_outside_32_to_128_is_a_config_error(bits: object) -> None:
+    with pytest.raises(ConfigError, match=r"limits\.client_ipv6_prefix .*32 to 128"):
+        build_config({"limits": {"client_ipv6_prefix": bits}})
+
+
 def test_a_broken_toml_file_is_a_config_error_naming_the_file(tmp_path: Path) -> None:
     path = tmp_path / "broken.toml"
     path.write_text("listen = \n")

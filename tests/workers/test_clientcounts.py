@@ -4,8 +4,9 @@ collision in one of them from counting, a row is cleared whole, rows are handed 
 from __future__ import annotations
 
 import multiprocess  # type: ignore[import-untyped]
+import pytest
 
-from tlsgate.workers.clientcounts import BUCKETS, ClientCounts, RowPool, table_words
+from tlsgate.workers.clientcounts import BUCKETS, ClientCounts, RowPool, client_of, table_words
 
 KEY = bytes(range(16))
 
@@ -71,3 +72,29 @@ def test_a_dead_processs_row_is_zeroed_and_reused_and_rows_run_out_visibly() -> 
     assert pool.table.count("10.0.0.1") == 0
     assert pool.take() == r0
     pool.release(999)  # unknown process: nothing happens
+
+
+@pytest.mark.parametrize(
+    ("ip", "prefix", "client"),
+    [
+        ("198.18.0.7", 64, "198.18.0.7"),  # IPv4: the address
+        ("2001:db8:0:1:a:b:c:d", 64, "2001:db8:0:1::/64"),
+        ("2001:db8:0:1::ffff", 64, "2001:db8:0:1::/64"),  # same /64: same client
+        ("2001:db8:0:2::1", 64, "2001:db8:0:2::/64"),
+        ("2001:db8:0:1:a:b:c:d", 56, "2001:db8::/56"),
+        ("2001:db8:0:1:a:b:c:d", 128, "2001:db8:0:1:a:b:c:d"),
+        ("::1", 64, "::/64"),
+        ("not-an-address:x", 64, "not-an-address:x"),
+    ],
+)
+def test_a_client_is_an_ipv4_address_or_an_ipv6_network(ip: str, prefix: int, client: str) -> None:
+    assert client_of(ip, prefix) == client
+
+
+def test_fresh_ipv6_addresses_in_one_slash_64_add_up_to_one_client() -> None:
+    # a host may use a new temporary address (RFC 8981) for every connection
+    table = ClientCounts(bytearray(4 * table_words(1)), 1, 0, KEY)
+    for i in range(1, 11):
+        table.add(client_of(f"2001:db8:0:1::{i:x}"))
+    assert table.count(client_of("2001:db8:0:1::ffff")) == 10
+    assert table.count(client_of("2001:db8:0:2::1")) == 0
