@@ -536,6 +536,20 @@ class Supervisor:
             "metrics_endpoint": self.metrics.stats() if self.metrics is not None else None,
             "signer": self._signer().status(),
             "ca": {"fingerprint_sha256": self.ca.fingerprint_sha256},
+            "client_counts": self._client_count_status(),
+        }
+
+    def _client_count_status(self) -> dict[str, Any]:
+        """The shared per-client table: rows in use (one per worker process, draining ones
+        included; none free means a new worker counts alone) and connections counted."""
+        pool = self.client_rows
+        limits = self.config.limits
+        return {
+            "rows": pool.table.rows,
+            "rows_in_use": len(pool.owner),
+            "counted": sum(pool.table.row_total(row) for row in pool.owner.values()),
+            "max_connections_per_client": limits.max_connections_per_client,
+            "client_ipv6_prefix": limits.client_ipv6_prefix,
         }
 
 
@@ -576,6 +590,16 @@ def prometheus_text(status: dict[str, Any]) -> str:
                [(lbl, w["steered"]) for lbl, w in per_worker])  # fmt: skip
     metric("steering_ebpf", "gauge", "1 when eBPF steering is active, 0 on the kernel hash.",
            [("", 1.0 if status["steering"]["state"] == "ebpf" else 0.0)])  # fmt: skip
+    clients = status.get("client_counts")
+    if clients is not None:
+        metric("client_table_rows_in_use", "gauge",
+               "Rows of the shared per-client table held by worker processes.",
+               [("", clients["rows_in_use"])])  # fmt: skip
+        metric("client_table_rows", "gauge", "Rows of the shared per-client table.",
+               [("", clients["rows"])])  # fmt: skip
+        metric("client_table_connections", "gauge",
+               "Open connections counted in the shared per-client table.",
+               [("", clients["counted"])])  # fmt: skip
     cache = status["cache"]
     metric("cert_cache_entries", "gauge", "Certificates in the shared cache.",
            [("", cache.get("size", 0))])  # fmt: skip

@@ -201,6 +201,9 @@ def test_metrics_are_served_in_prometheus_text_format(tmp_path: Path, pki: dict[
         assert result.returncode == 0, result.stderr
         assert "# TYPE tlsgate_connections_accepted_total counter" in result.stdout
         assert 'tlsgate_connections_active{worker="1"}' in result.stdout
+        # the shared per-client table: a row per worker, nothing counted while idle
+        assert "tlsgate_client_table_rows_in_use 2\n" in result.stdout
+        assert "tlsgate_client_table_connections 0\n" in result.stdout
 
 
 def test_a_worker_that_cannot_boot_stops_the_supervisor_with_its_reason(

@@ -79,6 +79,10 @@ def test_one_client_cannot_exceed_the_limit_across_workers_and_can_reconnect_aft
             assert refused_at_accept(gateway)
         st = wait_status(gateway, lambda st: sum(active(st)) == LIMIT)
         assert sum(active(st)) == LIMIT
+        # status shows the shared table: one row per worker process, the client's LIMIT
+        table = st["client_counts"]
+        assert (table["rows_in_use"], table["counted"]) == (2, LIMIT), table
+        assert table["max_connections_per_client"] == LIMIT
         hits = gateway.wait_match("limit", lambda e: e["limit"] == "max_connections_per_client")
         assert hits and hits[0]["value"] == LIMIT and hits[0]["conn"] is None
         assert hits[0]["sources"][0]["client_ip"] == "127.0.0.1"
@@ -95,6 +99,7 @@ def test_one_client_cannot_exceed_the_limit_across_workers_and_can_reconnect_aft
     finally:
         close_all(held)
     gateway.wait_events("conn_close", LIMIT)
+    assert wait_status(gateway, lambda st: st["client_counts"]["counted"] == 0)
     # every slot is free again, on whichever worker the new connections land
     again = open_tunnels(gateway, origin, LIMIT)
     try:
