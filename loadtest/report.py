@@ -112,6 +112,8 @@ def summarize(rows: Sequence[Row]) -> list[dict[str, Any]]:
         entry["note"] = next((r.note for r in ok if r.note), "")
         for fig in FIGURES:
             entry[fig] = _median([getattr(r, fig) for r in ok])
+        rates = [r.rate for r in ok]
+        entry["rate_min"], entry["rate_max"] = min(rates), max(rates)
         entry["errors"] = sum(r.errors for r in ok)
         entry["requests"] = sum(r.requests for r in ok)
         rss = [max(r.rss_mib) for r in ok if r.rss_mib]
@@ -128,9 +130,17 @@ def summarize(rows: Sequence[Row]) -> list[dict[str, Any]]:
     return out
 
 
-def ratios(summary: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """tlsgate's figure divided by each other proxy's, per scenario (same worker count)."""
+def ratios(summary: Sequence[dict[str, Any]], rows: Sequence[Row] = ()) -> list[dict[str, Any]]:
+    """tlsgate's figure divided by each other proxy's, per scenario (same worker count).
+
+    ``fig`` is the ratio of the medians. With ``rows``, ``fig_paired`` is the median of the
+    per-round ratios: proxies are interleaved within a round, so a machine whose speed drifts
+    between rounds (a shared host) moves both sides of a round's ratio alike.
+    """
     by_key = {(e["proxy"], e["scenario"], e["workers"]): e for e in summary}
+    by_round: dict[tuple[str, str, int, int], Row] = {
+        (r.proxy, r.scenario, r.workers, r.round): r for r in rows if r.status == "ok"
+    }
     out = []
     for (proxy, scenario, workers), peer in by_key.items():
         if proxy == "tlsgate":
@@ -142,6 +152,15 @@ def ratios(summary: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         for fig in RATIO_FIGURES:
             a, b = ours.get(fig), peer.get(fig)
             entry[fig] = a / b if a is not None and b else None
+            paired = []
+            for (p_, sc, w, rnd), row in by_round.items():
+                if (p_, sc, w) != ("tlsgate", scenario, workers):
+                    continue
+                other = by_round.get((proxy, scenario, workers, rnd))
+                x, y = getattr(row, fig), getattr(other, fig) if other else None
+                if x is not None and y:
+                    paired.append(x / y)
+            entry[f"{fig}_paired"] = statistics.median(paired) if paired else None
         out.append(entry)
     return out
 
@@ -284,6 +303,14 @@ def machine() -> dict[str, Any]:
     }
 
 
+def _spread(entry: dict[str, Any]) -> str:
+    """`` (min–max)`` of the rounds' rates when they differ, for the Markdown table."""
+    low, high = entry.get("rate_min"), entry.get("rate_max")
+    if entry.get("rounds", 1) < 2 or low is None or low == high:
+        return ""
+    return f" ({_fmt(low)}–{_fmt(high)})"
+
+
 def markdown(summary: Sequence[dict[str, Any]], ratio_rows: Sequence[dict[str, Any]]) -> str:
     """The summary and the ratios as Markdown tables (docs/benchmarks.md takes them as is)."""
     out = [
@@ -304,7 +331,8 @@ def markdown(summary: Sequence[dict[str, Any]], ratio_rows: Sequence[dict[str, A
             events = f"{e['events_received']}+{e['events_gaps']}/{e['events_produced']}"
             resumed = f"{e['client_resumed']}/{e['upstream_resumed']} of {e['closes']}"
         out.append(
-            f"| {e['proxy']} | {e['workers']} | {e['scenario']} | {_fmt(e['rate'])} {e['unit']}/s "
+            f"| {e['proxy']} | {e['workers']} | {e['scenario']} | {_fmt(e['rate'])} {e['unit']}/s"
+            f"{_spread(e)} "
             f"| {_fmt(e['p50_ms'], 2)} | {_fmt(e['p90_ms'], 2)} | {_fmt(e['p99_ms'], 2)} "
             f"| {e['errors']} | {_fmt(e['cpu_per_1k'], 3)} | {_fmt(e['cpu_per_gb'], 2)} "
             f"| {_fmt(e['rss_max_mib'], 0)} | {events} | {resumed} |"
@@ -312,13 +340,17 @@ def markdown(summary: Sequence[dict[str, Any]], ratio_rows: Sequence[dict[str, A
     if ratio_rows:
         out += [
             "",
-            "| scenario | tlsgate ÷ | rate | CPU s/1k | CPU s/GB | p99 |",
-            "| --- | --- | ---: | ---: | ---: | ---: |",
+            "| scenario | tlsgate ÷ | rate | CPU s/1k | CPU s/GB | p99 "
+            "| rate, paired by round | CPU s/1k, paired |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
         for r in ratio_rows:
+            paired = (r.get("rate_paired"), r.get("cpu_per_1k_paired"))
             out.append(
                 f"| {r['scenario']} | {r['versus']} | "
                 + " | ".join(_fmt(r[f], 2) for f in RATIO_FIGURES)
+                + " | "
+                + " | ".join(_fmt(v, 2) for v in paired)
                 + " |"
             )
     return "\n".join(out) + "\n"

@@ -558,7 +558,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     s.out.mkdir(parents=True, exist_ok=True)
     summary = report.summarize(rows)
-    ratio_rows = report.ratios(summary)
+    ratio_rows = report.ratios(summary, rows)
     doc: dict[str, Any] = {
         "started": started,
         "seconds": s.seconds,

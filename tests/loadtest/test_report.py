@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tlsgate.loadtest.report import plot, ratios, summarize
+from tlsgate.loadtest.report import markdown, plot, ratios, summarize
 from tlsgate.loadtest.suite import Row, Settings, plan
 
 
@@ -67,6 +67,26 @@ def test_ratios_are_tlsgate_over_each_peer_per_scenario() -> None:
     by_peer = {r["versus"]: r for r in ratios(summarize(rows))}
     assert by_peer["sslsplit"]["rate"] == 2.0 and by_peer["sslsplit"]["cpu_per_1k"] == 0.5
     assert by_peer["none"]["rate"] == 0.5 and by_peer["none"]["cpu_per_1k"] is None
+
+
+def test_paired_ratios_take_each_rounds_ratio_so_machine_drift_cancels() -> None:
+    # the machine slows down 4x in round 1 and speeds up 2x in round 2, for both proxies
+    rows = [
+        _row("tlsgate", "newconn", 0, 400, 0.4),
+        _row("sslsplit", "newconn", 0, 200, 0.4),
+        _row("tlsgate", "newconn", 1, 100, 0.4),
+        _row("sslsplit", "newconn", 1, 50, 0.4),
+        _row("tlsgate", "newconn", 2, 800, 0.4),
+        _row("sslsplit", "newconn", 2, 700, 0.4),
+    ]
+    summary = summarize(rows)
+    (ratio,) = ratios(summary, rows)
+    assert ratio["rate"] == 400 / 200  # medians of each side: from different rounds
+    assert ratio["rate_paired"] == 2.0  # per round 2.0, 2.0, 1.14
+    assert ratio["cpu_per_1k_paired"] == 0.5
+    ours = next(e for e in summary if e["proxy"] == "tlsgate")
+    assert (ours["rate_min"], ours["rate_max"]) == (100, 800)
+    assert "| 400.0 conn/s (100.0–800.0) |" in markdown(summary, [ratio])
 
 
 def test_rounds_interleave_the_proxies_and_the_ceiling_and_scaling_runs_only_for_tlsgate() -> None:
