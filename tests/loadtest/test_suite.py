@@ -13,6 +13,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -50,33 +51,36 @@ def _loadtest(*args: str) -> list[str]:
     return [sys.executable, "-m", "tlsgate", "loadtest", *args]
 
 
+def _run_suite(out: Path, *args: str, timeout: float) -> tuple[dict[str, Any], str]:
+    """``tlsgate loadtest ARGS --out OUT`` to the end (exit 0): results.json, and stdout."""
+    done = subprocess.run(
+        _loadtest(*args, "--out", str(out)), capture_output=True, text=True, timeout=timeout
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    doc: dict[str, Any] = json.loads((out / "results.json").read_text())
+    return doc, done.stdout
+
+
 @pytest.mark.timeout(240)
 def test_a_tiny_run_reports_every_scenario_with_zero_errors_and_no_lost_events(
     tmp_path: Path,
 ) -> None:
-    done = subprocess.run(
-        _loadtest(
-            "--seconds",
-            "1",
-            "--rounds",
-            "1",
-            "--scaling",
-            "2",
-            "--names",
-            "50",
-            "--idle",
-            "20",
-            "--connections",
-            "4",
-            "--out",
-            str(tmp_path),
-        ),
-        capture_output=True,
-        text=True,
+    doc, stdout = _run_suite(
+        tmp_path,
+        "--seconds",
+        "1",
+        "--rounds",
+        "1",
+        "--scaling",
+        "2",
+        "--names",
+        "50",
+        "--idle",
+        "20",
+        "--connections",
+        "4",
         timeout=220,
     )
-    assert done.returncode == 0, done.stderr[-3000:]
-    doc = json.loads((tmp_path / "results.json").read_text())
     rows = {(r["proxy"], r["scenario"], r["workers"]): r for r in doc["rows"]}
     expected = {
         ("tlsgate", s, 1)
@@ -108,7 +112,7 @@ def test_a_tiny_run_reports_every_scenario_with_zero_errors_and_no_lost_events(
     assert rows[("tlsgate", "bulk", 1)]["bytes"] >= 10 * 1024 * 1024
     for png in ("throughput.png", "latency.png", "scaling.png"):
         assert (tmp_path / png).stat().st_size > 1000
-    assert "tlsgate load test" in done.stdout
+    assert "tlsgate load test" in stdout
 
 
 @pytest.mark.timeout(120)
@@ -193,33 +197,26 @@ def test_a_tiny_run_against_squid_gives_its_rows_and_ratios_and_leaves_nothing_b
     except ProxyError as exc:
         pytest.skip(f"squid-openssl cannot be installed here: {exc}")
     dirs_before, pids_before = _squid_leftovers()
-    done = subprocess.run(
-        _loadtest(
-            "--seconds",
-            "1",
-            "--rounds",
-            "1",
-            "--connections",
-            "4",
-            "--no-ceiling",
-            "--no-plots",
-            "--scenario",
-            "newconn",
-            "--scenario",
-            "keepalive",
-            "--scenario",
-            "h2",
-            "--against",
-            "squid",
-            "--out",
-            str(tmp_path),
-        ),
-        capture_output=True,
-        text=True,
+    doc, _ = _run_suite(
+        tmp_path,
+        "--seconds",
+        "1",
+        "--rounds",
+        "1",
+        "--connections",
+        "4",
+        "--no-ceiling",
+        "--no-plots",
+        "--scenario",
+        "newconn",
+        "--scenario",
+        "keepalive",
+        "--scenario",
+        "h2",
+        "--against",
+        "squid",
         timeout=240,
     )
-    assert done.returncode == 0, done.stderr[-3000:]
-    doc = json.loads((tmp_path / "results.json").read_text())
     rows = {(r["proxy"], r["scenario"]): r for r in doc["rows"]}
     for scenario in ("newconn", "keepalive"):
         row = rows[("squid", scenario)]
