@@ -38,6 +38,9 @@ from OpenSSL._util import lib as _lib
 from tlsgate.workers.clienthello import ClientHelloError, parse_client_hello
 
 DEFAULT_MAX_ENTRIES = 4096
+#: Both calls this module needs are in cryptography's bindings (SSL_set1_curves_list is the
+#: old name of SSL_set1_groups_list); without them hints are off and groups are not reported.
+_BOUND: Final = hasattr(_lib, "SSL_set1_curves_list") and hasattr(_lib, "SSL_get0_group_name")
 DEFAULT_LIFETIME = 3600.0
 
 #: OpenSSL's names for the TLS groups it may offer (RFC 8446 registry code points).
@@ -83,7 +86,7 @@ class KeyShareHints:
         self._lifetime = lifetime
         self._clock = clock
         self._hints: OrderedDict[tuple[str, str, int], tuple[bytes, float]] = OrderedDict()
-        ids = default_groups(context)
+        ids = default_groups(context) if _BOUND else ()
         names = [GROUP_NAMES.get(i) for i in ids]
         #: None when hints are off (the default list could not be named)
         self._names: tuple[str, ...] | None = (
@@ -156,7 +159,9 @@ class KeyShareHints:
 
 def negotiated_group(conn: SSL.Connection) -> str:
     """OpenSSL's name of the key-exchange group of the finished handshake (``""``: none,
-    e.g. TLS 1.2 with a non-EC suite)."""
+    e.g. TLS 1.2 with a non-EC suite, or bindings without ``SSL_get0_group_name``)."""
+    if not _BOUND:
+        return ""
     name = _lib.SSL_get0_group_name(_ssl(conn))
     return _ffi.string(name).decode("ascii", "replace") if name != _ffi.NULL else ""
 
