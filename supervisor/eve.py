@@ -14,7 +14,13 @@ the JSON Schema Suricata 8.0 ships as ``etc/schema.json``):
   server's TLS version, certificate subject and issuer, negotiated ALPN): the close is the
   first event that knows the server's side, the open the only one with the client's
   fingerprints. ``protocol_error`` → one ``event_type: "anomaly"`` record (``applayer``,
-  a stable token per ``stage``). Every other type (``conn_open`` itself, ``policy``,
+  a stable token per ``stage``). ``websocket`` of kind ``message`` → one
+  ``event_type: "websocket"`` record: a whole message, so ``fin`` is true; ``opcode`` as
+  tlsgate names it (``text``, ``binary``, ``close``, ``ping``, ``pong``); the payload only
+  when content capture kept its first bytes (``payload_base64``, and ``payload_printable``
+  with each byte outside printable ASCII as ``.``). No ``mask``: tlsgate does not keep the
+  masking keys. ``direction`` is ``to_server`` for the client's messages, ``to_client`` for
+  the server's. Every other type (``conn_open`` itself, ``policy``,
   ``upstream_refused``, ``gap``, ``hello``, unknown types) → no record.
 - Records hold only names the schema defines (no ``worker``, ``seq``, ``version``, …). A
   value that is missing, nil or of the wrong type in the tlsgate event is left out of the
@@ -38,6 +44,7 @@ the JSON Schema Suricata 8.0 ships as ``etc/schema.json``):
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import math
 from collections import OrderedDict
@@ -355,10 +362,39 @@ def _anomaly(
     return record
 
 
+def _websocket(
+    event: Mapping[str, Any],
+    conn_open: Mapping[str, Any] | None,
+    host: str | None,
+    local_tz: tzinfo | None,
+    gateway: str,
+) -> _Record | None:
+    if event.get("kind") != "message":
+        return None  # the opening is the http record of the Upgrade (or the h2 stream)
+    record = _header(event, event.get("ts"), "websocket", "websocket", host, local_tz, gateway)
+    direction = _DIRECTIONS.get(_text(event.get("direction")) or "")
+    if direction is not None:
+        record["direction"] = direction
+    websocket: _Record = {"fin": True}
+    _copy(websocket, event, (("opcode", "opcode", _text),))
+    payload = event.get("payload")
+    if isinstance(payload, bytes):
+        websocket["payload_base64"] = base64.b64encode(payload).decode("ascii")
+        websocket["payload_printable"] = payload.translate(_PRINTABLE).decode("ascii")
+    record["websocket"] = websocket
+    return record
+
+
+#: Who sent a message, in Suricata's top-level ``direction`` words.
+_DIRECTIONS: Final[Mapping[str, str]] = {"client": "to_server", "server": "to_client"}
+#: Bytes outside printable ASCII become "." (Suricata's ``*_printable`` fields).
+_PRINTABLE: Final = bytes(b if 0x20 <= b < 0x7F else 0x2E for b in range(256))
+
 _RENDERERS: Final[Mapping[str, _Render]] = {
     "http": _http,
     "conn_close": _tls,
     "protocol_error": _anomaly,
+    "websocket": _websocket,
 }
 
 

@@ -977,3 +977,45 @@ def test_an_event_without_a_usable_ts_is_an_operator_error_after_the_records_bef
         run(["--file", str(recording), "--format", "eve"])
     (line,) = capsys.readouterr().out.splitlines()
     assert json.loads(line) == EXPECTED_HTTP
+
+
+# -- websocket --------------------------------------------------------------------------------
+
+WS_MESSAGE = {
+    "type": "websocket", "version": 1, "ts": 1795839812.9715345, "worker": 0, "seq": 7,
+    "conn": "0-1", "client_ip": "127.0.0.1", "client_port": 56576, "server_ip": "127.0.0.1",
+    "server_port": 36993, "sni": "localhost", "kind": "message", "stream_id": None,
+    "direction": "client", "opcode": "text", "size": 5, "fragments": 1, "compressed": False,
+    "close_code": None,
+}  # fmt: skip
+
+
+def test_a_websocket_message_becomes_one_websocket_record() -> None:
+    (record,) = render(WS_MESSAGE)
+    assert schema_errors(record) == []
+    assert (record["event_type"], record["app_proto"], record["direction"]) == (
+        "websocket",
+        "websocket",
+        "to_server",
+    )
+    assert record["websocket"] == {"fin": True, "opcode": "text"}  # no payload: no capture
+    assert record["flow_id"] == flow_id(GATEWAY, "0-1")  # the connection's other records'
+
+
+def test_a_server_message_is_to_client_and_a_captured_payload_is_base64_and_printable() -> None:
+    event = with_fields(WS_MESSAGE, direction="server", opcode="binary", payload=b"hi\x00\xff!")
+    (record,) = render(event)
+    assert schema_errors(record) == []
+    assert record["direction"] == "to_client"
+    assert record["websocket"] == {
+        "fin": True,
+        "opcode": "binary",
+        "payload_base64": "aGkA/yE=",
+        "payload_printable": "hi..!",
+    }
+
+
+def test_the_websocket_upgrade_renders_no_record_of_its_own() -> None:
+    # the Upgrade request and its 101 are the connection's http record already
+    upgrade = with_fields(WS_MESSAGE, kind="upgrade", http_version="1.1", path="/chat")
+    assert render(upgrade) == []
