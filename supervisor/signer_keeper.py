@@ -20,6 +20,10 @@ Rules:
   ``MAX_BACKOFF``), and ``MAX_BOOT_FAILURES`` in a row stop the gateway
   (:class:`~tlsgate.supervisor.arbiter.BootFailure`) with the signer's last reason. One
   that does not report within :data:`BOOT_TIMEOUT` is killed and counts as a failure.
+- A signer alive but not serving (stopped, its service thread stuck) is found by its
+  heartbeat (the time of the service thread's last round, published every 0.5 s): after
+  :data:`HEARTBEAT_TIMEOUT` without one it is killed, and restarted as a dead one would be
+  (``signer_restart`` reason "it stopped answering ...").
 - Meanwhile nothing hangs and nothing is minted elsewhere: a worker's request to the dead
   signer fails when its connection closes, re-sent requests fail when the worker cannot
   reconnect (or after the client's timeout), and the client of that connection gets a
@@ -49,6 +53,9 @@ from tlsgate.supervisor.signer_process import STATS_FIELDS, SignerSpec, signer_m
 
 #: Seconds a starting signer has to report ready (imports and key loading on a busy host).
 BOOT_TIMEOUT: Final = 60.0
+#: A serving signer whose service thread has not gone round for this long (seconds; it goes
+#: round at least once a second) is killed and restarted like a dead one.
+HEARTBEAT_TIMEOUT: Final = 10.0
 #: Seconds a signer has to exit after SIGTERM before it is killed.
 STOP_TIMEOUT: Final = 10.0
 #: Counters summed over every incarnation (a restarted signer counts from zero).
@@ -135,8 +142,11 @@ class SignerKeeper:
         run_dir: Path,
         leaf_public_pem: bytes,
         log: Callable[[str], None],
+        *,
+        heartbeat_timeout: float = HEARTBEAT_TIMEOUT,
     ) -> None:
         self._mp = mp
+        self.heartbeat_timeout = heartbeat_timeout
         self._state_dir = state_dir
         self._passphrase = passphrase
         self._run_dir = run_dir
@@ -191,6 +201,9 @@ class SignerKeeper:
             "restarts": self.restarts,
             "boot_failures": self.boot_failures,
             "uptime": round(time.monotonic() - cur.ready_at, 3) if self.serving and cur else 0.0,
+            "heartbeat_age": round(time.monotonic() - max(cur.stats[0], cur.ready_at), 3)
+            if self.serving and cur
+            else None,
             **self.stats(),
         }
 
@@ -242,11 +255,22 @@ class SignerKeeper:
         if cur is not None:
             cur.poll_report()
             if cur.info is not None and cur.process.is_alive():
-                if self._death is not None:
-                    return self._restarted(cur, now)
-                if now - cur.ready_at >= BOOT_WINDOW:
-                    self.boot_failures = 0
-                return None
+                silent = now - max(cur.stats[0], cur.ready_at)
+                if silent <= self.heartbeat_timeout:
+                    if self._death is not None:
+                        return self._restarted(cur, now)
+                    if now - cur.ready_at >= BOOT_WINDOW:
+                        self.boot_failures = 0
+                    return None
+                # alive but not serving (stopped, or its service thread stuck): new names
+                # would fail until someone restarted it by hand
+                self._log(f"the signer (pid {cur.process.pid}) has not answered for "
+                          f"{silent:.0f} s; killing it")  # fmt: skip
+                cur.error = f"it stopped answering (no heartbeat for {silent:.0f} s)"
+                if self._down_since is None:
+                    self._down_since = now - silent  # it has not served since
+                _kill(cur.process, self._log)
+                cur.process.join(5)
             if cur.process.is_alive():
                 if now - cur.spawned <= BOOT_TIMEOUT:
                     return None  # still starting

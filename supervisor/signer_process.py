@@ -22,7 +22,10 @@ Rules:
   :data:`EXIT_SERVICE_FAILED` if its service thread dies, so that the supervisor restarts
   it.
 - Every :data:`STATS_INTERVAL` it publishes its counters (:data:`STATS_FIELDS`) to the
-  shared array; the supervisor shows them in ``tlsgate status``.
+  shared array; the supervisor shows them in ``tlsgate status``. ``beat`` is the time of
+  the service thread's last round (at least one a second): a signer that is alive but no
+  longer serving (stopped, or its thread stuck) stops beating, and the supervisor kills and
+  restarts it (:data:`tlsgate.supervisor.signer_keeper.HEARTBEAT_TIMEOUT`).
 """
 
 from __future__ import annotations
@@ -31,7 +34,6 @@ import os
 import signal
 import sys
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -79,7 +81,7 @@ def signer_main(spec: SignerSpec) -> None:
     parent = os.getppid()
     try:
         while not stop.wait(STATS_INTERVAL):
-            _publish(spec, server.stats())
+            _publish(spec, server.stats(), server.last_round)
             if os.getppid() != parent:  # the supervisor died (SIGKILL): nobody to sign for
                 return
             if not server.running:  # the failure was logged by the service thread
@@ -99,8 +101,8 @@ def _report(spec: SignerSpec, message: dict[str, Any]) -> bool:
     return True
 
 
-def _publish(spec: SignerSpec, stats: dict[str, int]) -> None:
-    values = (time.monotonic(), *(float(stats[name]) for name in STATS_FIELDS[1:]))
+def _publish(spec: SignerSpec, stats: dict[str, int], beat: float) -> None:
+    values = (beat, *(float(stats[name]) for name in STATS_FIELDS[1:]))
     for i, value in enumerate(values):
         spec.stats[i] = value
 

@@ -53,6 +53,7 @@ import selectors
 import socket
 import struct
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -96,6 +97,9 @@ MAX_SEND_BUFFERS: Final = 64
 ROTATE_CHECK_INTERVAL: Final = 0.5
 #: Seconds a client waits for an answer (connecting included) before SignerUnavailable.
 DEFAULT_SIGN_TIMEOUT: Final = 5.0
+#: The service thread goes round at least this often (seconds), idle or not; the time of its
+#: last round (:attr:`SignerService.last_round`) is the signer process's heartbeat.
+HEARTBEAT_ROUND: Final = 1.0
 #: Requests one client has on the wire at once; more wait for a free slot.
 MAX_IN_FLIGHT: Final = 256
 #: First and longest pause between two attempts to connect to a restarting signer.
@@ -315,6 +319,8 @@ class SignerServer(SelectorService):
         self.owner_uid: Final = owner_uid
         self.owner_gid: Final = owner_gid
         self._max_connections = max_connections
+        #: monotonic time of the service thread's last round (its heartbeat)
+        self.last_round = time.monotonic()
         #: Requests decoded (well-formed or not, as long as they had an id).
         self.requests = 0
         #: Leaves signed by this service.
@@ -383,9 +389,11 @@ class SignerServer(SelectorService):
     # -- the service thread ------------------------------------------------------------
 
     def _select_timeout(self) -> float | None:
-        return 0 if self._ready else None
+        # at least one round a second, idle or not: last_round is the signer's heartbeat
+        return 0 if self._ready else HEARTBEAT_ROUND
 
     def _tick(self) -> None:
+        self.last_round = time.monotonic()
         while self._rotations:
             rotation = self._rotations.popleft()
             try:

@@ -9,6 +9,7 @@ tests/faults/test_signer_fault.py."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import time
@@ -126,6 +127,29 @@ def test_a_killed_signer_is_restarted_on_a_new_path_and_minting_resumes(
     with SharedCertificateCache.open_reader(keeper.socket_path.parent / "certcache") as cache:
         assert cache.get(request("before.example")[1]) == first
     assert any("was killed by SIGKILL; restarting it" in line for line in keeper.logs)  # type: ignore[attr-defined]
+
+
+def test_a_stopped_signer_is_found_by_its_heartbeat_killed_and_restarted(
+    keeper: SignerKeeper,
+) -> None:
+    keeper.heartbeat_timeout = 2.0  # the gateway's is 10 s
+    keeper.start(create_ca=True)
+    old_pid = keeper.pid
+    assert old_pid is not None
+    time.sleep(3 * keeper.heartbeat_timeout / 2)
+    assert keeper.tick() is None  # a serving signer beats: left alone
+    assert 0 <= keeper.status()["heartbeat_age"] < keeper.heartbeat_timeout
+    os.kill(old_pid, signal.SIGSTOP)  # alive, but answering nobody
+    try:
+        restart = tick_until_restarted(keeper)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(old_pid, signal.SIGKILL)  # never leave a stopped process behind
+    assert restart.old_pid == old_pid and restart.signal == "SIGKILL"
+    assert restart.reason.startswith("was killed by SIGKILL: it stopped answering")
+    assert restart.down_for >= keeper.heartbeat_timeout
+    assert mint(keeper.socket_path, "after-stop.example")
+    assert any("has not answered for" in line for line in keeper.logs)  # type: ignore[attr-defined]
 
 
 @pytest.mark.timeout(240)
