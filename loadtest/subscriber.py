@@ -10,10 +10,14 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import msgpack
+
+#: ``worker`` of the events the supervisor creates (docs/events.md).
+SUPERVISOR_WORKER_ID = -2
 
 
 @dataclass(frozen=True)
@@ -26,13 +30,15 @@ class Counts:
     upstream_resumed: int = 0
     #: http events (inspected HTTP exchanges)
     http: int = 0
+    #: events the supervisor created (worker -2: worker_exit, signer_restart, ...), in received
+    supervisor: int = 0
 
     def __sub__(self, other: Counts) -> Counts:
         return Counts(*(a - b for a, b in zip(self.astuple(), other.astuple(), strict=True)))
 
     def astuple(self) -> tuple[int, ...]:
         return (self.received, self.gaps, self.closes, self.client_resumed,
-                self.upstream_resumed, self.http)  # fmt: skip
+                self.upstream_resumed, self.http, self.supervisor)  # fmt: skip
 
 
 class CountingSubscriber:
@@ -53,6 +59,8 @@ class CountingSubscriber:
                 time.sleep(0.05)
         self._lock = threading.Lock()
         self._counts = Counts(0, 0)
+        #: types of the supervisor's events seen so far (for the row's note)
+        self.supervisor_types: Counter[str] = Counter()
         self._thread = threading.Thread(target=self._read, name="event-counter", daemon=True)
         self._thread.start()
 
@@ -66,12 +74,19 @@ class CountingSubscriber:
             if not chunk:
                 return
             unpacker.feed(chunk)
-            received = gaps = closes = client = upstream = http = 0
+            received = gaps = closes = client = upstream = http = supervisor = 0
             for event in unpacker:
                 kind = event.get("type")
+                worker = int(event.get("worker", -1))
                 if kind == "gap":
                     gaps += int(event.get("dropped", 0))
-                elif int(event.get("worker", -1)) >= 0:
+                elif worker == SUPERVISOR_WORKER_ID:
+                    # produced like a worker's (the supervisor is one of the hub's sources)
+                    received += 1
+                    supervisor += 1
+                    with self._lock:
+                        self.supervisor_types[str(kind)] += 1
+                elif worker >= 0:
                     received += 1
                     http += kind == "http"
                     if kind == "conn_close":
@@ -86,6 +101,8 @@ class CountingSubscriber:
                     c.closes + closes,
                     c.client_resumed + client,
                     c.upstream_resumed + upstream,
+                    c.http + http,
+                    c.supervisor + supervisor,
                 )
 
     def counts(self) -> Counts:

@@ -354,6 +354,10 @@ class Bench:
         row.http_events = got.http
         if row.scenario == "h2" and row.status == "ok" and not got.http and row.requests:
             row.note = "relayed without inspection: no http events for HTTP/2 in this build"
+        if got.supervisor:
+            # a worker or the signer ended during the scenario: say so next to its figures
+            kinds = ", ".join(f"{k} x{n}" for k, n in sorted(sub.supervisor_types.items()))
+            row.note = "; ".join(filter(None, (row.note, f"supervisor events so far: {kinds}")))
 
     # -- the run --------------------------------------------------------------------------
     def start_origin(self) -> None:
