@@ -38,10 +38,10 @@ from OpenSSL._util import lib as _lib
 from tlsgate.workers.clienthello import ClientHelloError, parse_client_hello
 
 DEFAULT_MAX_ENTRIES = 4096
+DEFAULT_LIFETIME = 3600.0
 #: Both calls this module needs are in cryptography's bindings (SSL_set1_curves_list is the
 #: old name of SSL_set1_groups_list); without them hints are off and groups are not reported.
 _BOUND: Final = hasattr(_lib, "SSL_set1_curves_list") and hasattr(_lib, "SSL_get0_group_name")
-DEFAULT_LIFETIME = 3600.0
 
 #: OpenSSL's names for the TLS groups it may offer (RFC 8446 registry code points).
 GROUP_NAMES: Final[dict[int, str]] = {
@@ -85,71 +85,59 @@ class KeyShareHints:
         self.max_entries = max_entries
         self._lifetime = lifetime
         self._clock = clock
-        self._hints: OrderedDict[tuple[str, str, int], tuple[bytes, float]] = OrderedDict()
+        #: server -> (group whose share to send, when the hint expires)
+        self._hints: OrderedDict[tuple[str, str, int], tuple[str, float]] = OrderedDict()
         ids = default_groups(context) if _BOUND else ()
         names = [GROUP_NAMES.get(i) for i in ids]
-        #: None when hints are off (the default list could not be named)
-        self._names: tuple[str, ...] | None = (
-            tuple(n for n in names if n) if ids and all(names) else None
-        )
-        self._by_lower = {n.lower(): n for n in self._names or ()}
-        self._lists: dict[str, bytes] = {}
-        self.applied = 0
-        self.learned = 0
+        #: OpenSSL's default list by name; empty when it cannot be named (hints off)
+        self._names: tuple[str, ...] = tuple(n for n in names if n) if all(names) else ()
+        #: group -> the default list with a share for that group only
+        self._lists = {
+            group: ":".join(f"*{n}" if n == group else n for n in self._names).encode()
+            for group in self._names
+        }
 
     @property
     def enabled(self) -> bool:
-        return self._names is not None and self.max_entries > 0
+        return bool(self._names) and self.max_entries > 0
 
     def group_list(self, group: str) -> bytes | None:
         """The default group list with a key share for ``group`` only (``None``: unknown)."""
-        listed = self._lists.get(group)
-        if listed is None:
-            if self._names is None or group not in self._names:
-                return None
-            listed = ":".join(f"*{n}" if n == group else n for n in self._names).encode()
-            self._lists[group] = listed
-        return listed
+        return self._lists.get(group)
 
     def apply(self, conn: SSL.Connection, key: tuple[str, str, int]) -> str | None:
         """Before the handshake: send the remembered group's share; returns it, if any."""
         entry = self._hints.get(key)
         if entry is None:
             return None
-        listed, expires = entry
+        group, expires = entry
         if self._clock() >= expires:
             del self._hints[key]
             return None
         self._hints.move_to_end(key)
-        if _lib.SSL_set1_curves_list(_ssl(conn), listed) != 1:
-            return None
-        self.applied += 1
-        return listed.decode().partition("*")[2].partition(":")[0]
+        if _lib.SSL_set1_curves_list(_ssl(conn), self._lists[group]) != 1:
+            return None  # the default offer goes out: nothing is lost but the saving
+        return group
 
-    def learn(self, conn: SSL.Connection, key: tuple[str, str, int], hinted: str | None) -> None:
-        """After :meth:`check_established` accepted ``conn`` (sent with the share of
-        ``hinted``, or the default offer when ``None``): remember the group it used."""
+    def learn(self, key: tuple[str, str, int], group: str | None, hinted: str | None) -> None:
+        """After :meth:`check_established` accepted a connection to ``key`` that used
+        ``group`` (:func:`group_name`), sent with the share of ``hinted`` (``None``: the
+        default offer): remember the group."""
         if not self.enabled:
             return
-        group = self._by_lower.get(negotiated_group(conn).lower())
-        if group is None or self._names is None or group == self._names[0]:
+        if group not in self._lists or group == self._names[0]:
             # nothing to remember: no (EC)DHE group, or OpenSSL's first share (the default
             # offer already sends it)
             self._hints.pop(key, None)
             return
-        entry = self._hints.get(key)
-        if entry is not None and group == hinted:
+        if group == hinted and key in self._hints:
             # The hint held. Its age is not renewed: once per lifetime the server sees the
             # full default offer again, so a group it gained and would not ask for by
             # HelloRetryRequest is found within one lifetime.
             self._hints.move_to_end(key)
             return
-        listed = self.group_list(group)
-        if listed is None:
-            return
-        self._hints[key] = (listed, self._clock() + self._lifetime)
+        self._hints[key] = (group, self._clock() + self._lifetime)
         self._hints.move_to_end(key)
-        self.learned += 1
         while len(self._hints) > self.max_entries:
             self._hints.popitem(last=False)
 

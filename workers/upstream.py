@@ -104,7 +104,6 @@ from OpenSSL._util import ffi as _ffi
 from OpenSSL._util import lib as _lib
 
 from tlsgate.errors import ConfigError, OperatorError, UpstreamRefused
-from tlsgate.workers.keyshares import DEFAULT_MAX_ENTRIES as KEY_SHARE_HINTS
 from tlsgate.workers.keyshares import KeyShareHints, group_name
 from tlsgate.workers.ocsp import GOOD, REVOKED, check_staple, requires_staple
 from tlsgate.workers.sessions import (
@@ -628,7 +627,6 @@ class UpstreamValidator:
         clock: Callable[[], float] = time.time,
         session_cache_size: int = DEFAULT_MAX_ENTRIES,
         session_lifetime: float = DEFAULT_LIFETIME,
-        key_share_hints: int = KEY_SHARE_HINTS,
     ) -> None:
         check_private_api()
         if cache_size < 1 or cache_ttl <= 0:
@@ -666,7 +664,7 @@ class UpstreamValidator:
         self._ctx = self._build_context(path)
         self._offered_ciphers = frozenset(SSL.Connection(self._ctx).get_cipher_list())
         #: which key share to send each server (learned from accepted handshakes)
-        self.key_shares = KeyShareHints(self._ctx, max_entries=key_share_hints)
+        self.key_shares = KeyShareHints(self._ctx)
 
     def _build_context(self, path: Path) -> SSL.Context:
         ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
@@ -794,7 +792,7 @@ class UpstreamValidator:
             raise TypeError("check_established needs a connection from new_connection()")
         info = self._accept(conn)
         if conn.server_key is not None:
-            self.key_shares.learn(conn, conn.server_key, conn.hinted_group)
+            self.key_shares.learn(conn.server_key, info.group, conn.hinted_group)
         return info
 
     def _accept(self, conn: UpstreamConnection) -> UpstreamInfo:
