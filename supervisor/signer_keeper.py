@@ -106,6 +106,10 @@ class _Incarnation:
         self.info: SignerInfo | None = None
         self.error: str | None = None
 
+    def silent_for(self, now: float) -> float:
+        """Seconds since its last heartbeat (since it reported ready, before the first)."""
+        return now - max(self.stats[0], self.ready_at)
+
     def poll_report(self) -> None:
         """Take the report if it came (non-blocking)."""
         if self.info is not None or self.error is not None or self.report.closed:
@@ -201,7 +205,7 @@ class SignerKeeper:
             "restarts": self.restarts,
             "boot_failures": self.boot_failures,
             "uptime": round(time.monotonic() - cur.ready_at, 3) if self.serving and cur else 0.0,
-            "heartbeat_age": round(time.monotonic() - max(cur.stats[0], cur.ready_at), 3)
+            "heartbeat_age": round(cur.silent_for(time.monotonic()), 3)
             if self.serving and cur
             else None,
             **self.stats(),
@@ -255,7 +259,7 @@ class SignerKeeper:
         if cur is not None:
             cur.poll_report()
             if cur.info is not None and cur.process.is_alive():
-                silent = now - max(cur.stats[0], cur.ready_at)
+                silent = cur.silent_for(now)
                 if silent <= self.heartbeat_timeout:
                     if self._death is not None:
                         return self._restarted(cur, now)
