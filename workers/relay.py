@@ -98,11 +98,7 @@ class TlsEndpoint:
         if code == _WANT_WRITE:
             raise WouldBlock(False)
         try:
-            self.conn._raise_ssl_error(ssl, n)
-        except SSL.WantReadError:
-            raise WouldBlock(True) from None
-        except SSL.WantWriteError:
-            raise WouldBlock(False) from None
+            self.conn._raise_ssl_error(ssl, n)  # pyOpenSSL's classification (not WANT_*)
         except SSL.ZeroReturnError:
             return b""
         except SSL.SysCallError as exc:
@@ -124,11 +120,7 @@ class TlsEndpoint:
         if code == _WANT_READ:
             raise WouldBlock(True)
         try:
-            self.conn._raise_ssl_error(ssl, n)
-        except SSL.WantWriteError:
-            raise WouldBlock(False) from None
-        except SSL.WantReadError:
-            raise WouldBlock(True) from None
+            self.conn._raise_ssl_error(ssl, n)  # pyOpenSSL's classification (not WANT_*)
         except SSL.SysCallError:
             raise EndpointError(f"{self.name}-reset") from None
         except SSL.Error as exc:
