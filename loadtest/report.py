@@ -141,6 +141,7 @@ def ratios(summary: Sequence[dict[str, Any]], rows: Sequence[Row] = ()) -> list[
     by_round: dict[tuple[str, str, int, int], Row] = {
         (r.proxy, r.scenario, r.workers, r.round): r for r in rows if r.status == "ok"
     }
+    rounds = sorted({r.round for r in rows})
     out = []
     for (proxy, scenario, workers), peer in by_key.items():
         if proxy == "tlsgate":
@@ -153,11 +154,11 @@ def ratios(summary: Sequence[dict[str, Any]], rows: Sequence[Row] = ()) -> list[
             a, b = ours.get(fig), peer.get(fig)
             entry[fig] = a / b if a is not None and b else None
             paired = []
-            for (p_, sc, w, rnd), row in by_round.items():
-                if (p_, sc, w) != ("tlsgate", scenario, workers):
-                    continue
-                other = by_round.get((proxy, scenario, workers, rnd))
-                x, y = getattr(row, fig), getattr(other, fig) if other else None
+            for rnd in rounds:
+                mine = by_round.get(("tlsgate", scenario, workers, rnd))
+                theirs = by_round.get((proxy, scenario, workers, rnd))
+                x = getattr(mine, fig) if mine else None
+                y = getattr(theirs, fig) if theirs else None
                 if x is not None and y:
                     paired.append(x / y)
             entry[f"{fig}_paired"] = statistics.median(paired) if paired else None

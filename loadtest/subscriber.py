@@ -59,8 +59,7 @@ class CountingSubscriber:
                 time.sleep(0.05)
         self._lock = threading.Lock()
         self._counts = Counts(0, 0)
-        #: types of the supervisor's events seen so far (for the row's note)
-        self.supervisor_types: Counter[str] = Counter()
+        self._supervisor_types: Counter[str] = Counter()
         self._thread = threading.Thread(target=self._read, name="event-counter", daemon=True)
         self._thread.start()
 
@@ -75,6 +74,7 @@ class CountingSubscriber:
                 return
             unpacker.feed(chunk)
             received = gaps = closes = client = upstream = http = supervisor = 0
+            kinds: Counter[str] = Counter()
             for event in unpacker:
                 kind = event.get("type")
                 worker = int(event.get("worker", -1))
@@ -84,8 +84,7 @@ class CountingSubscriber:
                     # produced like a worker's (the supervisor is one of the hub's sources)
                     received += 1
                     supervisor += 1
-                    with self._lock:
-                        self.supervisor_types[str(kind)] += 1
+                    kinds[str(kind)] += 1
                 elif worker >= 0:
                     received += 1
                     http += kind == "http"
@@ -94,6 +93,7 @@ class CountingSubscriber:
                         client += event.get("client_resumed") is True
                         upstream += event.get("upstream_resumed") is True
             with self._lock:
+                self._supervisor_types.update(kinds)
                 c = self._counts
                 self._counts = Counts(
                     c.received + received,
@@ -108,6 +108,11 @@ class CountingSubscriber:
     def counts(self) -> Counts:
         with self._lock:
             return self._counts
+
+    def supervisor_types(self) -> dict[str, int]:
+        """Types of the supervisor's events received so far, with their counts."""
+        with self._lock:
+            return dict(self._supervisor_types)
 
     def close(self) -> None:
         try:

@@ -356,7 +356,7 @@ class Bench:
             row.note = "relayed without inspection: no http events for HTTP/2 in this build"
         if got.supervisor:
             # a worker or the signer ended during the scenario: say so next to its figures
-            kinds = ", ".join(f"{k} x{n}" for k, n in sorted(sub.supervisor_types.items()))
+            kinds = ", ".join(f"{k} x{n}" for k, n in sorted(sub.supervisor_types().items()))
             row.note = "; ".join(filter(None, (row.note, f"supervisor events so far: {kinds}")))
 
     # -- the run --------------------------------------------------------------------------

@@ -41,7 +41,7 @@ def test_supervisor_events_count_as_received_and_http_events_are_counted(tmp_pat
             received=4, gaps=3, closes=1, client_resumed=1, upstream_resumed=0, http=2,
             supervisor=1,
         )  # fmt: skip
-        assert sub.supervisor_types == {"signer_restart": 1}
+        assert sub.supervisor_types() == {"signer_restart": 1}
     finally:
         sub.close()
         listener.close()
