@@ -169,6 +169,17 @@ def status(gw: Gateway) -> dict[str, Any]:
     return dict(json.loads(result.stdout))
 
 
+def wait_status(gw: Gateway, ok: Any, timeout: float = 30.0) -> dict[str, Any]:
+    """The status once ``ok(status)`` holds, or the last one after ``timeout`` (callers
+    assert on it; workers publish counters once a second)."""
+    end = time.monotonic() + timeout
+    while True:
+        st = status(gw)
+        if ok(st) or time.monotonic() > end:
+            return st
+        time.sleep(0.2)
+
+
 def wait_settled(gw: Gateway, workers: int, timeout: float = 20.0) -> dict[str, Any]:
     """Every worker alive, heartbeating, and no connection open (accepted == closed)."""
     end = time.monotonic() + timeout

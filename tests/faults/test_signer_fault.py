@@ -29,6 +29,7 @@ from tests.faults.faulty import (
     Footprint,
     status,
     wait_settled,
+    wait_status,
 )
 from tests.gateway import Gateway, Origin
 from tlsgate.loadtest.soak import sample_process
@@ -165,13 +166,12 @@ def wait_signer_up_for(gw: Gateway, seconds: float) -> dict[str, Any]:
     """A signer killed sooner than BOOT_WINDOW after it came up counts as a failed boot,
     and MAX_BOOT_FAILURES of those in a row stop the gateway (a crash loop, tested in
     test_faults): this test is about a serving signer dying, so it lets each one settle."""
-    deadline = time.monotonic() + RESTART_TIMEOUT
-    while True:
-        st = status(gw)
-        if st["signer"]["alive"] and st["signer"]["uptime"] >= seconds:
-            return st
-        assert time.monotonic() < deadline, f"the signer never stayed up {seconds} s: {st}"
-        time.sleep(0.2)
+    st = wait_status(
+        gw, lambda st: st["signer"]["alive"] and st["signer"]["uptime"] >= seconds,
+        timeout=RESTART_TIMEOUT,
+    )  # fmt: skip
+    assert st["signer"]["alive"] and st["signer"]["uptime"] >= seconds, st["signer"]
+    return st
 
 
 @pytest.mark.timeout(900)

@@ -22,6 +22,7 @@ from typing import Any
 import msgpack
 import pytest
 
+from tests.faults.faulty import wait_status
 from tests.gateway import Gateway, Origin
 from tests.loadclient import run_load
 from tests.supervisor.test_detection_stream import Subscriber, worker_events
@@ -58,19 +59,6 @@ def status(state_dir: Path) -> dict[str, Any]:
     assert answer["ok"]
     result: dict[str, Any] = answer["status"]
     return result
-
-
-def wait_started(state_dir: Path, timeout: float = 30.0) -> dict[str, Any]:
-    """Status once every worker is up (gauges such as the client table's rows in use stop
-    moving), so that two expositions taken one after the other can be compared."""
-    end = time.monotonic() + timeout
-    while True:
-        st = status(state_dir)
-        workers = st["workers"]
-        if all(w["alive"] for w in workers) and st["client_counts"]["rows_in_use"] == len(workers):
-            return st
-        assert time.monotonic() < end, f"the workers did not all start: {st}"
-        time.sleep(0.1)
 
 
 def host_port(text: str) -> tuple[str, int]:
@@ -243,8 +231,13 @@ def test_the_metrics_endpoint_on_loopback_serves_the_control_sockets_text(
     tmp_path: Path, pki: dict[str, Path]
 ) -> None:
     state = tmp_path / "state"
-    with Gateway(state, upstream_ca=pki["ca"], args=["--metrics-listen", "127.0.0.1:0"]):
-        listen = wait_started(state)["metrics_endpoint"]["listen"]
+    with Gateway(state, upstream_ca=pki["ca"], args=["--metrics-listen", "127.0.0.1:0"]) as gw:
+        # every worker up (gauges such as the client table's rows in use stop moving), so
+        # that the two expositions below can be compared
+        st = wait_status(gw, lambda st: all(w["alive"] for w in st["workers"])
+                         and st["client_counts"]["rows_in_use"] == len(st["workers"]))  # fmt: skip
+        assert st["client_counts"]["rows_in_use"] == len(st["workers"]), st
+        listen = st["metrics_endpoint"]["listen"]
         with urllib.request.urlopen(f"http://{listen}/metrics", timeout=TIMEOUT) as response:
             assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
             body = response.read().decode()

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.faults.faulty import status
+from tests.faults.faulty import wait_status
 from tests.gateway import Gateway, Origin
 from tests.workers.test_worker_limits import closed_within, tunnel
 
@@ -36,16 +36,6 @@ def gateway(tmp_path: Path, pki: dict[str, Path]) -> Iterator[Gateway]:
     args = ["--config", str(config), "--workers", "2"]
     with Gateway(tmp_path / "state", upstream_ca=pki["ca"], args=args) as gw:
         yield gw
-
-
-def wait_status(gw: Gateway, ok: Any, timeout: float = 30.0) -> dict[str, Any]:
-    """The status once ``ok(status)`` holds (workers publish counters once a second)."""
-    end = time.monotonic() + timeout
-    while True:
-        st = status(gw)
-        if ok(st) or time.monotonic() > end:
-            return st
-        time.sleep(0.2)
 
 
 def refused_at_accept(gw: Gateway) -> bool:
@@ -99,7 +89,8 @@ def test_one_client_cannot_exceed_the_limit_across_workers_and_can_reconnect_aft
     finally:
         close_all(held)
     gateway.wait_events("conn_close", LIMIT)
-    assert wait_status(gateway, lambda st: st["client_counts"]["counted"] == 0)
+    st = wait_status(gateway, lambda st: st["client_counts"]["counted"] == 0)
+    assert st["client_counts"]["counted"] == 0, st["client_counts"]
     # every slot is free again, on whichever worker the new connections land
     again = open_tunnels(gateway, origin, LIMIT)
     try:
